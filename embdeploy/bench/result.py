@@ -1,0 +1,129 @@
+"""What a benchmark run produces: plain dataclasses that round-trip through JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+RESULT_FORMAT_VERSION = 1
+
+
+def shape_name(shape) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+@dataclass
+class VariantInfo:
+    label: str  # "base", "merged", "swap", or mode:dirname when a mode repeats
+    mode: str
+    path: str
+    V: int
+    K: int
+    H: int
+
+
+@dataclass
+class LatencyRow:
+    provider: str  # "cpu" | "cuda"
+    shape: str  # "BxS"
+    variant: str  # VariantInfo.label
+    mode: str
+    mix: str  # "base-ids" | "new-ids"
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput_seq_s: float
+    ratio_to_base: float  # median over rounds of (this time / base time in the same round)
+    ratio_q25: float
+    ratio_q75: float
+    calls: int
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.provider, self.shape, self.variant, self.mix)
+
+
+@dataclass
+class SessionCost:
+    """One session created alone in a fresh process."""
+
+    provider: str
+    variant: str
+    mode: str
+    create_s: float
+    peak_mb: float  # high-water RSS during creation and a first run, above the process before creation
+    rss_mb: float  # resident after creation and one run
+    private_mb: float  # anonymous resident memory: copies the session owns
+    mapped_mb: float  # the export's files memory-mapped (page cache, shareable)
+    gpu_mb: float | None = None
+
+
+@dataclass
+class MultiSessionRow:
+    """N sessions in one process, each with a different extension."""
+
+    config: str  # "swap" | "merged", with " (no prepacking)" when MatMul prepacking was off
+    mode: str
+    n: int
+    prepacking: bool
+    sharing: str  # how the base table is shared: "mmap", "one OrtValue", "none (private table per session)"
+    create_s: float
+    rss_mb: float
+    private_mb: float
+    mapped_mb: float
+    footprint_mb: float  # private + mapped once: resident size once every row has been used
+    tables_mb: float  # the per-session tables the caller supplied, all N
+    shared_mb: float  # the base table, counted once
+    overhead_per_session_mb: float  # (footprint - tables - shared) / n
+
+
+@dataclass
+class Skipped:
+    what: str  # e.g. "cuda", "sessions"
+    reason: str
+
+
+@dataclass
+class BenchResult:
+    settings: dict
+    machine: dict
+    base: VariantInfo
+    variants: list[VariantInfo]
+    latency: list[LatencyRow] = field(default_factory=list)
+    sessions: list[SessionCost] = field(default_factory=list)
+    multi: list[MultiSessionRow] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    format_version: int = RESULT_FORMAT_VERSION
+    kind: str = "embdeploy-bench"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchResult":
+        def build(kind, row):
+            names = {f.name for f in fields(kind)}
+            return kind(**{k: v for k, v in row.items() if k in names})
+
+        return cls(
+            settings=d["settings"],
+            machine=d["machine"],
+            base=build(VariantInfo, d["base"]),
+            variants=[build(VariantInfo, v) for v in d["variants"]],
+            latency=[build(LatencyRow, r) for r in d.get("latency", [])],
+            sessions=[build(SessionCost, r) for r in d.get("sessions", [])],
+            multi=[build(MultiSessionRow, r) for r in d.get("multi", [])],
+            skipped=[build(Skipped, r) for r in d.get("skipped", [])],
+            format_version=d.get("format_version", RESULT_FORMAT_VERSION),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "BenchResult":
+        return cls.from_dict(json.loads(text))
+
+    def rows(self, provider: str | None = None) -> list[LatencyRow]:
+        return [r for r in self.latency if provider is None or r.provider == provider]

@@ -1,0 +1,229 @@
+"""run_bench: time base and extended exports interleaved, measure what their sessions cost."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Callable, Iterable
+
+from ..errors import EmbdeployError
+from . import memory
+from . import sessions as ortsess
+from .artifacts import OnnxArtifact, resolve_artifacts, variant_labels
+from .inputs import BASE_MIX, NEW_MIX, session_feed, token_ids
+from .result import BenchResult, LatencyRow, Skipped, VariantInfo, shape_name
+from .timing import Entry, calibrate_inner, run_rounds, summarize
+
+DEFAULT_SHAPES = ((1, 16), (1, 128), (8, 128))
+DEFAULT_ROUNDS = 30
+DEFAULT_WARMUP = 3
+NEW_FRACTION = 0.25
+# One round slot lasts at least this long (several calls of a fast model), so timer
+# resolution and per-call jitter do not dominate the per-round ratio.
+MIN_SLOT_S = 0.005
+
+Progress = Callable[[str], None]
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """'1x16,8x128' -> ((1, 16), (8, 128)); the CLI's --shapes."""
+    shapes, bad = [], []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        b, sep, s = part.lower().partition("x")
+        if not sep or not b.isdigit() or not s.isdigit() or int(b) < 1 or int(s) < 1:
+            bad.append(part)
+        else:
+            shapes.append((int(b), int(s)))
+    if bad or not shapes:
+        raise EmbdeployError(
+            f"cannot read shapes {', '.join(bad) or repr(text)}; write BATCHxSEQ, comma-separated, e.g. 1x16,1x128,8x128"
+        )
+    return tuple(shapes)
+
+
+def run_bench(
+    onnx_dirs: Iterable,
+    base_dir=None,
+    shapes=DEFAULT_SHAPES,
+    providers=("cpu",),
+    threads: int = 1,
+    rounds: int = DEFAULT_ROUNDS,
+    warmup: int = DEFAULT_WARMUP,
+    sessions: int = 0,
+    memory_cost: bool = True,
+    progress: Progress | None = None,
+) -> BenchResult:
+    """Benchmark each export in `onnx_dirs` against the base export.
+
+    Latency: per provider and shape, `rounds` rounds in which every variant
+    (the base included) runs on the same inputs in a shuffled order; ratios to
+    base are medians of per-round ratios. Extended variants run two token
+    mixes (all ids < V, and 25% new ids); the base runs the first only.
+    memory_cost: creation time and memory of one session per variant, each in
+    a fresh process. sessions=N > 0: N swap sessions with N different
+    extension tables in one process, against N merged sessions.
+    """
+    say = progress or (lambda msg: None)
+    shapes = tuple(parse_shapes(shapes) if isinstance(shapes, str) else tuple(tuple(s) for s in shapes))
+    if isinstance(providers, str):
+        providers = [p.strip() for p in providers.split(",") if p.strip()]
+    providers = [p.lower() for p in providers]
+    for p in providers:
+        ortsess.provider_name(p)
+    problems = []
+    if threads < 1:
+        problems.append(f"threads={threads}: use 1 or more (1 gives the steadiest ratios)")
+    if rounds < 3:
+        problems.append(f"rounds={rounds}: use 3 or more, the ratio is a median over rounds")
+    if warmup < 0:
+        problems.append(f"warmup={warmup}: use 0 or more")
+    if sessions < 0:
+        problems.append(f"sessions={sessions}: use 0 (skip) or the number of sessions to create")
+    if problems:
+        raise EmbdeployError("cannot run the benchmark:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    base, variants = resolve_artifacts(list(onnx_dirs), base_dir)
+    labels = variant_labels(base, variants)
+    arts: list[tuple[str, OnnxArtifact]] = [("base", base)] + list(zip(labels, variants))
+
+    result = BenchResult(
+        settings={
+            "threads": threads, "inter_op_threads": 1, "execution_mode": "sequential", "rounds": rounds,
+            "warmup": warmup, "shapes": [shape_name(s) for s in shapes], "providers": providers,
+            "new_fraction": NEW_FRACTION, "min_slot_ms": MIN_SLOT_S * 1e3, "sessions": sessions, "inner": {},
+        },
+        machine=machine_info(),
+        base=_info("base", base),
+        variants=[_info(label, a) for label, a in zip(labels, variants)],
+    )
+
+    for provider in providers:
+        if provider == "cuda":
+            reason = ortsess.cuda_unavailable_reason()
+            if reason:
+                result.skipped.append(Skipped("cuda", reason))
+                say(f"cuda skipped: {reason}")
+                continue
+        try:
+            live = {label: ortsess.create_session(a.model_path, provider, threads) for label, a in arts}
+        except EmbdeployError as e:
+            if provider != "cuda":
+                raise
+            result.skipped.append(Skipped("cuda", f"a CUDA session could not be created: {e}"))
+            continue
+        if provider == "cuda" and any("CUDAExecutionProvider" not in s.get_providers() for s in live.values()):
+            result.skipped.append(Skipped(
+                "cuda", "onnxruntime has the CUDA provider but fell back to CPU (no usable CUDA device or driver); "
+                "check nvidia-smi and the CUDA/cuDNN versions onnxruntime-gpu needs"))
+            continue
+        for shape in shapes:
+            say(f"{provider} {shape_name(shape)}: timing {len(arts)} exports, {rounds} rounds")
+            rows, inner = _time_shape(arts, live, provider, shape, rounds, warmup)
+            result.latency.extend(rows)
+            result.settings["inner"][f"{provider}/{shape_name(shape)}"] = inner
+        del live
+
+        if memory_cost:
+            for label, a in arts:
+                say(f"{provider}: session cost of {label} (fresh process)")
+                result.sessions.append(memory.session_cost(a, label, provider, threads))
+
+    if sessions > 0:
+        _multi(result, arts, sessions, threads, say)
+    return result
+
+
+def _time_shape(arts, live, provider, shape, rounds, warmup):
+    batch, seq = shape
+    entries: list[Entry] = []
+    keep = []  # device buffers for IO binding live as long as the entries
+    for label, a in arts:
+        mixes = [BASE_MIX] if a.K == 0 else [BASE_MIX, NEW_MIX]
+        for mix in mixes:
+            # Same seed per mix: every variant sees the same ids.
+            seed = 1000 * batch + seq + (1 if mix == NEW_MIX else 0)
+            ids = token_ids(batch, seq, a.V, a.K, mix, NEW_FRACTION, seed)
+            feed = session_feed(live[label], ids)
+            run = _cuda_runner(live[label], feed, keep) if provider == "cuda" else _cpu_runner(live[label], feed)
+            entries.append(Entry(key=(label, mix), run=run, batch=batch))
+    base_entry = next(e for e in entries if e.key == ("base", BASE_MIX))
+    inner = calibrate_inner(base_entry.run, MIN_SLOT_S)
+    run_rounds(entries, base_entry.key, rounds, warmup, inner, seed=batch * 100003 + seq)
+    modes = {label: a.mode for label, a in arts}
+    rows = [
+        LatencyRow(provider=provider, shape=shape_name(shape), variant=e.key[0], mode=modes[e.key[0]], mix=e.key[1],
+                   **summarize(e, base_entry))
+        for e in entries
+    ]
+    return rows, inner
+
+
+def _cpu_runner(sess, feed):
+    def run():
+        return sess.run(None, feed)
+
+    return run
+
+
+def _cuda_runner(sess, feed, keep):
+    """Inputs bound on the device once; outputs stay on the device; the call returns when they are ready."""
+    rt = ortsess.ort()
+    io = sess.io_binding()
+    for name, arr in feed.items():
+        value = rt.OrtValue.ortvalue_from_numpy(arr, "cuda", 0)
+        keep.append(value)
+        io.bind_ortvalue_input(name, value)
+    for out in sess.get_outputs():
+        io.bind_output(out.name, "cuda", 0)
+    keep.append(io)
+
+    def run():
+        sess.run_with_iobinding(io)
+        io.synchronize_outputs()
+
+    return run
+
+
+def _multi(result: BenchResult, arts, n: int, threads: int, say: Progress) -> None:
+    by_mode = {a.mode: a for _, a in arts}
+    if "swap" not in by_mode:
+        result.skipped.append(Skipped(
+            "sessions", f"--sessions {n} compares N swap sessions with N merged ones; no swap export was given "
+            "(export one with `embdeploy export --mode swap` and pass its directory)"))
+        return
+    if "merged" not in by_mode:
+        result.skipped.append(Skipped(
+            "sessions (merged)", "no merged export was given, so the N-session comparison shows swap alone; "
+            "pass a merged export too to compare"))
+    for prepacking in (True, False):
+        for mode in ("swap", "merged"):
+            if mode in by_mode:
+                say(f"{n} {mode} sessions in one process (prepacking {'on' if prepacking else 'off'})")
+                result.multi.append(memory.multi_session(by_mode[mode], n, threads, prepacking))
+
+
+def _info(label: str, a: OnnxArtifact) -> VariantInfo:
+    return VariantInfo(label=label, mode=a.mode, path=str(a.path), V=a.V, K=a.K, H=a.H)
+
+
+def machine_info() -> dict:
+    rt = ortsess.ort()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable, "platform": platform.platform(),
+        "python": platform.python_version(), "onnxruntime": rt.__version__,
+        "ort_providers": rt.get_available_providers(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,1 @@
+"""The extend stage: new token rows beside a frozen base table."""

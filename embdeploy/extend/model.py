@@ -1,0 +1,449 @@
+"""Put extension groups into a transformers model; save and load extension directories.
+
+    ext = extend_model(model, tokenizer, ["hyperkalemia", "troponin"], name="clinical")
+    ext.model(**ext.tokenizer("troponin rose", return_tensors="pt"))   # the same model object
+    ext.save("clinical-ext")
+    ext = load_extension("clinical-ext")    # loads the base it names and checks its fingerprint
+
+What the tokenizer sees: new tokens are added as whole-word added tokens
+(matched before pre-tokenization, case-folded when the tokenizer normalizes,
+absorbing the space before them), with ids V, V+1, … where V is the number of
+rows of the base table. Where the tokenizer is shorter than the table (padded
+tables), the gap is filled with special placeholder tokens
+`<|embdeploy_reserved_N|>` so that no new id lands on an existing row.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import EmbdeployError, FingerprintMismatch, raise_all
+from ..fingerprint import table_fingerprint
+from ..fsutil import atomic_output_dir
+from ..models import BaseInfo, load_base
+from .config import ExtensionConfig
+from .init import initial_rows
+from .layer import ExtendedEmbedding, ExtendedLMHead
+
+FORMAT = "embdeploy-extension"
+FORMAT_VERSION = 1
+WEIGHTS = "extension.safetensors"
+MANIFEST = "extension.json"
+RESERVED = "<|embdeploy_reserved_{}|>"
+BASE_TOKENIZER = "base_tokenizer"  # the original tokenizer: subword pieces for init, distillation and eval
+
+
+@dataclass
+class Group:
+    name: str
+    tokens: list[str]
+    first_id: int
+    init: dict
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[int]:
+        return list(range(self.first_id, self.first_id + len(self.tokens)))
+
+
+@dataclass
+class ExtendReport:
+    """What `add` did with the requested tokens."""
+
+    added: list[tuple[str, int]]
+    skipped: list[tuple[str, str]]  # (token, reason)
+    notes: list[str]
+
+
+def _find_embedding_slots(model: nn.Module, weight: torch.Tensor):
+    """(parent, attr) of every nn.Embedding whose weight is the base table.
+
+    Encoder-decoder models often hold the shared table in several modules
+    (shared, encoder.embed_tokens, decoder.embed_tokens); all of them are wrapped.
+    """
+    slots = []
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for attr, child in mod.named_children():
+            if isinstance(child, nn.Embedding) and child.weight is weight:
+                slots.append((mod, attr))
+    return slots
+
+
+class Extension:
+    """A base model with stacked, named extension groups. The model is modified in place."""
+
+    def __init__(self, model, tokenizer, base_info: BaseInfo | None = None):
+        emb = model.get_input_embeddings()
+        if isinstance(emb, ExtendedEmbedding):
+            raise EmbdeployError("this model already carries an embdeploy extension; use its Extension object to add groups")
+        if not isinstance(emb, nn.Embedding):
+            raise EmbdeployError(
+                f"{type(model).__name__}.get_input_embeddings() is a {type(emb).__name__}; embdeploy needs an nn.Embedding table"
+            )
+        if not getattr(tokenizer, "is_fast", False):
+            raise EmbdeployError("embdeploy needs a fast tokenizer (tokenizer.json); load it with use_fast=True")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base_tokenizer = copy.deepcopy(tokenizer)  # the original tokenization, for init and distillation
+        self.base_info = base_info or BaseInfo(
+            ref=str(getattr(model.config, "_name_or_path", "")),
+            path=str(getattr(model.config, "_name_or_path", "")),
+            task="",
+            model_class=type(model).__name__,
+        )
+        base_weight = emb.weight
+        self.V, self.H = base_weight.shape
+        self.embed_tables = nn.ParameterDict()
+        self.head_tables: nn.ParameterDict | None = None
+        self.groups: list[Group] = []
+        self.training_records: list[dict] = []
+        self.reserved = 0
+
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and not isinstance(head, nn.Linear):
+            head = None
+        self.head_mode = "none"
+        if head is not None:
+            if head.weight is base_weight or head.weight.data_ptr() == base_weight.data_ptr():
+                self.head_mode = "tied"
+            elif head.weight.shape == base_weight.shape:
+                self.head_mode = "untied"
+            else:
+                raise EmbdeployError(
+                    f"the LM head has {head.weight.shape[0]} rows but the input table has {self.V}; "
+                    "embdeploy needs one head row per input row"
+                )
+        self.base_fingerprint = table_fingerprint(base_weight)
+        self.head_fingerprint = table_fingerprint(head.weight) if self.head_mode == "untied" else None
+
+        # Freeze everything: only extension tables will require grad.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        slots = _find_embedding_slots(model, base_weight)
+        self.embedding_modules = []
+        for parent, attr in slots:
+            wrapped = ExtendedEmbedding(getattr(parent, attr), self.embed_tables)
+            setattr(parent, attr, wrapped)
+            self.embedding_modules.append(wrapped)
+        self.head_module = None
+        if self.head_mode != "none":
+            self.head_tables = self.embed_tables if self.head_mode == "tied" else nn.ParameterDict()
+            self.head_module = ExtendedLMHead(head, self.head_tables, tied=self.head_mode == "tied")
+            model.set_output_embeddings(self.head_module)
+        self._check_tokenizer_fits()
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def K(self) -> int:
+        return sum(len(g.tokens) for g in self.groups)
+
+    @property
+    def tokens(self) -> list[str]:
+        return [t for g in self.groups for t in g.tokens]
+
+    @property
+    def token_ids(self) -> dict[str, int]:
+        return {t: i for g in self.groups for t, i in zip(g.tokens, g.ids)}
+
+    def embed_table(self) -> torch.Tensor:
+        """The K×H new input rows, in id order."""
+        return self.embedding_modules[0].extension_table().detach()
+
+    def head_table(self) -> torch.Tensor | None:
+        """The K×H new head rows (the same rows as `embed_table` when tied); None without a head."""
+        return self.head_module.extension_table().detach() if self.head_module is not None else None
+
+    def base_table(self) -> torch.Tensor:
+        return self.embedding_modules[0].base.weight
+
+    def base_head_table(self) -> torch.Tensor | None:
+        return self.head_module.base.weight if self.head_module is not None else None
+
+    def extension_parameters(self) -> list[nn.Parameter]:
+        """Exactly the trainable parameters: the groups' rows (and untied head rows)."""
+        params = list(self.embed_tables.values())
+        if self.head_mode == "untied":
+            params += list(self.head_tables.values())
+        return params
+
+    def extension_fingerprint(self) -> str:
+        parts = [table_fingerprint(self.embed_table())]
+        if self.head_mode == "untied":
+            parts.append(table_fingerprint(self.head_table()))
+        return table_fingerprint(torch.tensor(bytearray("|".join(parts).encode()), dtype=torch.uint8))
+
+    def verify_base(self) -> None:
+        """Recompute the base fingerprints; raise if any base row changed."""
+        if table_fingerprint(self.base_table()) != self.base_fingerprint:
+            raise FingerprintMismatch("the base embedding table changed; this is a bug in the code that trained it")
+        if self.head_mode == "untied" and table_fingerprint(self.base_head_table()) != self.head_fingerprint:
+            raise FingerprintMismatch("the base LM head changed; this is a bug in the code that trained it")
+
+    # ----------------------------------------------------------------- tokenizer
+    def _check_tokenizer_fits(self):
+        n = len(self.tokenizer)
+        if n > self.V:
+            raise EmbdeployError(
+                f"the tokenizer has {n} tokens but the embedding table only {self.V} rows: ids {self.V}..{n - 1} "
+                "have no row and would collide with new ids. Resize the model's embeddings to the tokenizer first."
+            )
+
+    def _reserve_padding_rows(self):
+        # Padded tables (V > len(tokenizer)): fill the gap with special placeholders so the
+        # tokenizer's next id is V. The placeholders map onto the padding rows, which exist.
+        from transformers import AddedToken
+
+        gap = self.V - len(self.tokenizer)
+        if gap > 0:
+            start = len(self.tokenizer)
+            self.tokenizer.add_tokens([AddedToken(RESERVED.format(start + i), special=True) for i in range(gap)], special_tokens=True)
+            self.reserved += gap
+
+    def _classify(self, tokens, strict: bool):
+        vocab = self.base_tokenizer.get_vocab()
+        added = set(self.tokens)
+        keep, skipped, notes = [], [], []
+        pre = getattr(self.base_tokenizer.backend_tokenizer, "pre_tokenizer", None)
+        for t in tokens:
+            if t in added:
+                skipped.append((t, "already added by an earlier extension group"))
+                continue
+            pieces = self.base_tokenizer(t, add_special_tokens=False)["input_ids"]
+            if t in vocab or (len(pieces) == 1 and pieces[0] != self.base_tokenizer.unk_token_id):
+                skipped.append((t, f"already one token in the vocabulary (id {vocab.get(t, pieces[0] if pieces else '?')})"))
+                continue
+            if pre is not None and len(pre.pre_tokenize_str(t)) > 1:
+                notes.append(
+                    f"{t!r} would be split at pre-tokenization; as an added token it is matched as one unit "
+                    "in text before that split"
+                )
+            keep.append(t)
+        if strict and skipped:
+            raise_all([f"{t!r}: {why}" for t, why in skipped], "tokens that cannot be added (strict mode):")
+        return keep, skipped, notes
+
+    # ----------------------------------------------------------------- adding groups
+    def add(self, config: ExtensionConfig) -> ExtendReport:
+        """Add one named group of tokens, initialised as `config.init` says."""
+        from transformers import AddedToken
+
+        if any(g.name == config.name for g in self.groups):
+            raise EmbdeployError(f"an extension group named {config.name!r} already exists; pass another --name")
+        keep, skipped, notes = self._classify(config.tokens, config.strict)
+        if not keep:
+            raise EmbdeployError(
+                "none of the tokens is new: " + "; ".join(f"{t!r} {why}" for t, why in skipped[:5])
+                + ". Nothing to add."
+            )
+        self._reserve_padding_rows()
+        first = self.V + self.K
+        if len(self.tokenizer) != first:
+            raise EmbdeployError(f"tokenizer length {len(self.tokenizer)} does not match V+K={first}; the tokenizer was changed outside embdeploy")
+        self.tokenizer.add_tokens([AddedToken(t, single_word=True, lstrip=True, normalized=True) for t in keep])
+        got = [self.tokenizer.convert_tokens_to_ids(t) for t in keep]
+        want = list(range(first, first + len(keep)))
+        if got != want:
+            raise EmbdeployError(f"the tokenizer assigned ids {got[:5]}… instead of {want[:5]}…; cannot place new rows safely")
+        rows, head_rows, init_notes = initial_rows(
+            config, keep, self.base_table(), self.base_tokenizer,
+            self.base_head_table() if self.head_mode == "untied" else None,
+        )
+        self._add_tables(config.name, rows, head_rows)
+        group = Group(config.name, keep, first, config.to_json(), notes + init_notes)
+        self.groups.append(group)
+        return ExtendReport(added=list(zip(keep, group.ids)), skipped=skipped, notes=notes + init_notes)
+
+    def _add_tables(self, name: str, rows: torch.Tensor, head_rows: torch.Tensor | None):
+        dev = self.base_table().device
+        self.embed_tables[name] = nn.Parameter(rows.to(dev, self.base_table().dtype).clone(), requires_grad=True)
+        if self.head_mode == "untied":
+            if head_rows is None:
+                head_rows = torch.zeros_like(rows)
+            self.head_tables[name] = nn.Parameter(head_rows.to(dev, self.base_table().dtype).clone(), requires_grad=True)
+
+    # ----------------------------------------------------------------- persistence
+    def manifest(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created_by": f"embdeploy {__version__}",
+            "base_model": self.base_info.to_json(),
+            "base_fingerprint": {"embed": self.base_fingerprint, "head": self.head_fingerprint},
+            "extension_fingerprint": self.extension_fingerprint(),
+            "V": self.V,
+            "K": self.K,
+            "H": self.H,
+            "dtype": str(self.base_table().dtype).replace("torch.", ""),
+            "head": self.head_mode,
+            "reserved_placeholders": self.reserved,
+            "groups": [
+                {"name": g.name, "first_id": g.first_id, "count": len(g.tokens), "init": g.init, "notes": g.notes}
+                for g in self.groups
+            ],
+            "tokens": [{"token": t, "id": i, "group": g.name} for g in self.groups for t, i in zip(g.tokens, g.ids)],
+            "training": self.training_records,
+        }
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"embed.{n}": p.detach().cpu().contiguous() for n, p in self.embed_tables.items()}
+        if self.head_mode == "untied":
+            out.update({f"head.{n}": p.detach().cpu().contiguous() for n, p in self.head_tables.items()})
+        return out
+
+    def save(self, out, overwrite: bool = False) -> Path:
+        """Write extension.safetensors, extension.json and the extended tokenizer, atomically."""
+        from safetensors.torch import save_file
+
+        if not self.groups:
+            raise EmbdeployError("the extension has no tokens yet; add a group before saving")
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            save_file(self.state_tensors(), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+            self.tokenizer.save_pretrained(str(tmp))
+            self.base_tokenizer.save_pretrained(str(tmp / BASE_TOKENIZER))
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2, ensure_ascii=False) + "\n")
+        return Path(out)
+
+
+def extend_model(model, tokenizer, tokens_or_config, name: str = "default", init: str = "subword-mean", **kw) -> Extension:
+    """Extend `model` (in place) with new tokens; returns the Extension handle.
+
+    `tokens_or_config` is a list of token strings or an ExtensionConfig. Call
+    `ext.add(ExtensionConfig(...))` to stack more named groups.
+    """
+    cfg = tokens_or_config if isinstance(tokens_or_config, ExtensionConfig) else ExtensionConfig(
+        tokens=list(tokens_or_config), name=name, init=init, **kw
+    )
+    ext = Extension(model, tokenizer)
+    ext.last_report = ext.add(cfg)
+    return ext
+
+
+# --------------------------------------------------------------------- loading
+def read_manifest(directory) -> dict:
+    d = Path(directory)
+    if not d.is_dir():
+        raise EmbdeployError(f"extension directory {d} does not exist; pass a directory written by `embdeploy extend`")
+    mf = d / MANIFEST
+    if not mf.is_file():
+        raise EmbdeployError(f"{d} is not an extension directory (no {MANIFEST}); pass a directory written by `embdeploy extend`")
+    try:
+        m = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EmbdeployError(f"{mf} is not valid JSON ({e}); the file is corrupted, re-run `embdeploy extend`") from None
+    problems = []
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise EmbdeployError(f"{mf} is not an embdeploy extension manifest (format != {FORMAT!r})")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise EmbdeployError(
+            f"{mf} has format_version {m.get('format_version')!r}; this embdeploy reads version {FORMAT_VERSION}. "
+            "Re-create the extension with this version or upgrade embdeploy."
+        )
+    for k in ("V", "K", "H"):
+        if not isinstance(m.get(k), int) or m[k] < 0:
+            problems.append(f"{k} is {m.get(k)!r}, expected a non-negative integer")
+    toks = m.get("tokens")
+    if not isinstance(toks, list):
+        problems.append("tokens is missing")
+    raise_all(problems, f"{mf} is inconsistent:")
+    if len(toks) != m["K"]:
+        problems.append(f"K is {m['K']} but {len(toks)} tokens are listed")
+    for j, t in enumerate(toks):
+        if t.get("id") != m["V"] + j:
+            problems.append(f"token {t.get('token')!r} has id {t.get('id')}, expected {m['V'] + j} (ids follow V in order)")
+            break
+    if sum(g.get("count", 0) for g in m.get("groups", [])) != m["K"]:
+        problems.append("group counts do not add up to K")
+    raise_all(problems, f"{mf} is inconsistent:")
+    return m
+
+
+def _read_tables(d: Path, m: dict) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    wf = d / WEIGHTS
+    if not wf.is_file():
+        raise EmbdeployError(f"{wf} is missing; the extension directory is incomplete, re-run `embdeploy extend`")
+    try:
+        tensors = load_file(str(wf))
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise EmbdeployError(f"{wf} is corrupted or truncated ({str(e).splitlines()[0]}); re-create the extension") from None
+    problems = []
+    for g in m["groups"]:
+        for kind in ("embed",) + (("head",) if m.get("head") == "untied" else ()):
+            key = f"{kind}.{g['name']}"
+            t = tensors.get(key)
+            if t is None:
+                problems.append(f"tensor {key} is missing")
+            elif tuple(t.shape) != (g["count"], m["H"]):
+                problems.append(f"tensor {key} has shape {tuple(t.shape)}, the manifest says ({g['count']}, {m['H']})")
+            elif not torch.isfinite(t.float()).all():
+                problems.append(f"tensor {key} contains NaN or Inf")
+    raise_all(problems, f"{wf} does not match {MANIFEST}:")
+    return tensors
+
+
+def load_extension(directory, model=None, tokenizer=None) -> Extension:
+    """Load an extension directory onto `model` (or onto the base model it names).
+
+    Refuses a base whose embedding table (or untied head) fingerprint differs from the one recorded.
+    """
+    from transformers import AutoTokenizer
+
+    d = Path(directory)
+    m = read_manifest(d)
+    tensors = _read_tables(d, m)
+    info = None
+    if model is None:
+        ref = m["base_model"].get("path") or m["base_model"].get("ref")
+        ref_fallback = m["base_model"].get("ref")
+        try:
+            model, _, info = load_base(ref, task=m["base_model"].get("task") or None)
+        except EmbdeployError:
+            if not ref_fallback or ref_fallback == ref:
+                raise
+            model, _, info = load_base(ref_fallback, task=m["base_model"].get("task") or None)
+    emb = model.get_input_embeddings()
+    fp = table_fingerprint(emb.weight)
+    if fp != m["base_fingerprint"]["embed"] or emb.weight.shape != (m["V"], m["H"]):
+        raise FingerprintMismatch(
+            f"the extension in {d} was made for a base whose embedding table has fingerprint "
+            f"{m['base_fingerprint']['embed'][:23]}… ({m['V']}×{m['H']}); this model's table is "
+            f"{fp[:23]}… ({tuple(emb.weight.shape)[0]}×{tuple(emb.weight.shape)[1]}). "
+            f"Load it onto the base it was made for ({m['base_model'].get('ref')})."
+        )
+    try:
+        tok = tokenizer or AutoTokenizer.from_pretrained(str(d))
+    except Exception as e:
+        raise EmbdeployError(f"cannot load the extended tokenizer in {d}: {str(e).splitlines()[0]}") from None
+    try:
+        base_tok = AutoTokenizer.from_pretrained(str(d / BASE_TOKENIZER))
+    except Exception as e:
+        raise EmbdeployError(f"cannot load the original tokenizer in {d / BASE_TOKENIZER}: {str(e).splitlines()[0]}") from None
+    # Build on the plain model with the original tokenizer, then restore groups and the extended tokenizer.
+    ext = Extension(model, base_tok, info)
+    if ext.head_fingerprint != m["base_fingerprint"].get("head"):
+        raise FingerprintMismatch(
+            f"the extension in {d} was made for a base whose LM head has fingerprint {m['base_fingerprint'].get('head')}; "
+            f"this model's head differs ({ext.head_fingerprint}). Load it onto the base it was made for."
+        )
+    ext.tokenizer = tok
+    ext.reserved = m.get("reserved_placeholders", 0)
+    for g in m["groups"]:
+        names = [t["token"] for t in m["tokens"] if t["group"] == g["name"]]
+        ext.groups.append(Group(g["name"], names, g["first_id"], g.get("init", {}), g.get("notes", [])))
+        ext._add_tables(g["name"], tensors[f"embed.{g['name']}"], tensors.get(f"head.{g['name']}"))
+    ext.training_records = list(m.get("training", []))
+    problems = []
+    for t in m["tokens"]:
+        got = tok.convert_tokens_to_ids(t["token"])
+        if got != t["id"]:
+            problems.append(f"token {t['token']!r}: the saved tokenizer gives id {got}, the manifest says {t['id']}")
+    raise_all(problems[:10], f"the tokenizer in {d} does not match {MANIFEST}:")
+    return ext

@@ -1,0 +1,63 @@
+"""Atomic directory output: write into a temporary sibling, rename when complete.
+
+An interrupted run (exception, Ctrl-C, SIGKILL) leaves at most a directory named
+`.<name>.partial-*`, which nothing takes for a finished artifact and the next
+run removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import EmbdeployError
+
+PARTIAL_MARK = ".partial-"
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise EmbdeployError(
+            f"output directory {out} already exists; pass --overwrite to replace it "
+            "or choose another --out"
+        )
+    if out.exists() and not out.is_dir():
+        raise EmbdeployError(f"output path {out} exists and is not a directory; choose another --out")
+    parent = out.resolve().parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EmbdeployError(f"cannot create the parent directory of {out}: {e.strerror}; choose a writable --out") from None
+    if not os.access(parent, os.W_OK):
+        raise EmbdeployError(f"cannot write to {parent} (read-only or no permission); choose a writable --out")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False):
+    """Yield a temporary directory; on success it replaces `out` in one rename."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    parent = out.resolve().parent
+    for stale in parent.glob(f".{out.name}{PARTIAL_MARK}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=parent))
+    except OSError as e:
+        raise EmbdeployError(f"cannot write to {parent}: {e.strerror}; choose a writable --out") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = parent / f".{out.name}{PARTIAL_MARK}old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

