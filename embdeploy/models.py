@@ -133,6 +133,8 @@ def load_base(ref: str | os.PathLike = DEFAULT_MODEL, task: str | None = None, t
     """Load (model, tokenizer, BaseInfo) for a base model reference, in eval mode, fp32."""
     import transformers
 
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
     if task is not None and task not in TASKS:
         raise EmbdeployError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     path = resolve_model_ref(ref)
