@@ -147,8 +147,22 @@ def load_base(ref: str | os.PathLike = DEFAULT_MODEL, task: str | None = None, t
         ) from None
     task = task or detect_task(config)
     cls = auto_class(task)
+    if isinstance(path, Path):
+        has_st = any(path.glob("*.safetensors"))
+        pickled = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+        if not has_st:
+            raise EmbdeployError(
+                f"{path} has no safetensors weights"
+                + (f" (found {', '.join(pickled)}: pickle files, which embdeploy never loads)" if pickled else "")
+                + "; convert them once in a trusted environment with "
+                "`AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)`"
+            )
     try:
-        model = cls.from_pretrained(path, dtype="float32") if _supports_dtype_kw() else cls.from_pretrained(path, torch_dtype="float32")
+        model = (
+            cls.from_pretrained(path, dtype="float32", use_safetensors=True)
+            if _supports_dtype_kw()
+            else cls.from_pretrained(path, torch_dtype="float32", use_safetensors=True)
+        )
     except Exception as e:
         raise EmbdeployError(
             f"cannot load {ref} as a {task} model: {str(e).splitlines()[0]}\n"
