@@ -144,6 +144,99 @@ def merge(
     out.print(f"[green]wrote[/] {out_dir}: vocabulary {ext.V} + {ext.K} = {ext.V + ext.K} rows")
 
 
+class Mode(str, Enum):
+    merged = "merged"
+    split = "split"
+    swap = "swap"
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    optimum = "optimum"
+
+
+# ------------------------------------------------------------------------------------------ export
+@app.command()
+@_command
+def export(
+    ext_dir: Path = typer.Argument(..., help="Extension directory (from `embdeploy extend` / `train`)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="ONNX directory to write (required unless the recipe names one)."),
+    mode: Optional[Mode] = typer.Option(
+        None,
+        help="merged: one (V+K)xH table, loads anywhere [default]. "
+        "split: base and extension in separate files joined by Concat; ORT folds the Concat at session "
+        "creation, so each session holds a private full copy and creation peaks at 2-3x the table's memory "
+        "(see perf/README.md). swap: two Gathers + Where; the base stays shared, the extension table can be "
+        "replaced per session without re-export; a few elementwise ops per token.",
+    ),
+    recipe: Optional[Path] = typer.Option(None, help="Declarative export recipe (JSON, see export/); options given here override it."),
+    base_onnx: Optional[Path] = typer.Option(None, help="Use this ONNX file/dir (e.g. from optimum-cli) as the base instead of exporting one."),
+    backend: Optional[Backend] = typer.Option(None, help="Base exporter: torch (torch.onnx dynamo) [default] or optimum (needs optimum-onnx)."),
+    dtype: Optional[DType] = typer.Option(None, help="fp32 [default], or fp16 (for the CUDA provider)."),
+    provider: Optional[str] = typer.Option(None, help="Provider used for validation: cpu [default] or cuda."),
+    no_validate: bool = typer.Option(False, "--no-validate", help="Skip the validation gate (the manifest then records validation: null)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Base export cache [default: $EMBDEPLOY_CACHE or ~/.cache/embdeploy]."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Export an extension to ONNX (base exported once and cached, then a graph rewrite), then validate it against PyTorch."""
+    from .export import export_extension
+
+    args = {}
+    if recipe is not None:
+        from .export import load_recipe
+
+        args.update(load_recipe(recipe))
+    given = {"mode": mode and mode.value, "dtype": dtype and dtype.value, "backend": backend and backend.value,
+             "provider": provider, "base_onnx": base_onnx, "out": out_dir}
+    args.update({k: v for k, v in given.items() if v is not None})
+    if no_validate:
+        args["validate"] = False
+    if args.get("out") is None:
+        from .errors import EmbdeployError
+
+        raise EmbdeployError("no output directory: pass --out DIR (or set `out` in the recipe)")
+    args.setdefault("mode", "merged")
+    res = export_extension(ext_dir, overwrite=overwrite, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{_escape(m)}[/]"), **args)
+    if res.report is not None:
+        out.print(res.report.table())
+    t = res.timings
+    out.print(
+        f"[green]wrote[/] {res.out} ({res.mode}, {res.dtype}); base {'from cache' if res.base_cached else 'exported'}, "
+        f"rewrite {t.get('rewrite', 0):.2f}s, total {t.get('total', 0):.1f}s"
+        + ("" if res.report is None else f"; validation passed, max abs diff {res.report.max_abs_diff:.2e}")
+    )
+
+
+# ------------------------------------------------------------------------------------------ validate
+@app.command()
+@_command
+def validate(
+    onnx_dir: Path = typer.Argument(..., help="ONNX directory written by `embdeploy export`."),
+    ext: Optional[Path] = typer.Option(None, "--ext", help="Extension directory to compare with [default: the one recorded at export]."),
+    provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu or cuda."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Check file digests, then ONNX Runtime against PyTorch on probes that hit every new id; non-zero exit on any failure."""
+    from .errors import ValidationFailed
+    from .export import validate_dir, verify_dir
+
+    verify_dir(onnx_dir)
+    try:
+        report = validate_dir(onnx_dir, ext, provider=provider)
+    except ValidationFailed:
+        raise
+    if json_out:
+        out.print_json(data=report.to_json())
+    else:
+        out.print(report.table())
+        out.print(f"[green]passed[/]: {onnx_dir}, max abs diff {report.max_abs_diff:.2e}")
+
+
 def main():  # pragma: no cover
     app()
 

@@ -102,3 +102,40 @@ def tiny_gemma(vocab_size, hidden=32, seed=0):
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
                       bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return GemmaForCausalLM(cfg).eval()
+
+
+# --------------------------------------------------------------------------- extensions and exports
+
+NEW_TOKENS = ["hyperkalemia", "troponin", "zorblax", "qwertyx"]
+TINY_ARCHS = ("bert", "bert-mlm", "gpt2", "llama", "gemma")
+
+
+@pytest.fixture(scope="session")
+def make_extension(wordpiece_tokenizer):
+    """make_extension(arch, tokens=NEW_TOKENS, seed=0, init="normal") -> a fresh Extension of a tiny random model.
+
+    arch is one of TINY_ARCHS. "normal" init gives every new token its own row, so
+    tests can tell the rows apart in the outputs.
+    """
+    import copy
+
+    from embdeploy.extend.model import extend_model
+
+    def make(arch: str, tokens=NEW_TOKENS, seed: int = 0, init: str = "normal"):
+        if arch not in TINY_ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {TINY_ARCHS}")
+        if arch.startswith("bert"):
+            tok = copy.deepcopy(wordpiece_tokenizer)
+            model = tiny_bert(seed=seed, masked_lm=arch == "bert-mlm")
+        else:
+            tok = make_bpe_tokenizer()
+            model = {"gpt2": tiny_gpt2, "llama": tiny_llama, "gemma": tiny_gemma}[arch](len(tok), seed=seed)
+        return extend_model(model, tok, list(tokens), init=init, seed=seed)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def export_cache(tmp_path_factory):
+    """One base-export cache for the session: each tiny base goes through torch.onnx once."""
+    return tmp_path_factory.mktemp("embdeploy-cache")

@@ -47,7 +47,7 @@ def save_baseline(result: BenchResult, path) -> Path:
     path = Path(path)
     ratios = [
         {"provider": r.provider, "shape": r.shape, "variant": r.variant, "mode": r.mode, "mix": r.mix,
-         "ratio": round(r.ratio_to_base, 4), "ratio_q25": round(r.ratio_q25, 4), "ratio_q75": round(r.ratio_q75, 4)}
+         "ratio": r.ratio_to_base, "ratio_q25": r.ratio_q25, "ratio_q75": r.ratio_q75}
         for r in result.latency if r.variant != "base"
     ]
     if not ratios:

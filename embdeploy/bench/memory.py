@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from ..errors import EmbdeployError
 from .artifacts import OnnxArtifact
@@ -14,10 +16,19 @@ CHILD_TIMEOUT_S = 900
 
 
 def _run_child(command: str, spec: dict) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "embdeploy.bench._child", command, json.dumps(spec)],
-        capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
-    )
+    # The child imports the same embdeploy as this process, installed or not.
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "embdeploy.bench._child", command, json.dumps(spec)],
+            capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env,
+        )
+    except subprocess.TimeoutExpired:
+        raise EmbdeployError(
+            f"the memory measurement of {spec['model']} took over {CHILD_TIMEOUT_S} s and was stopped; "
+            "measure fewer sessions (--sessions) or a smaller model"
+        ) from None
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     try:
         out = json.loads(lines[-1])

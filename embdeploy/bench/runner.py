@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import time
 from typing import Callable, Iterable
 
@@ -22,6 +23,11 @@ NEW_FRACTION = 0.25
 # One round slot lasts at least this long (several calls of a fast model), so timer
 # resolution and per-call jitter do not dominate the per-round ratio.
 MIN_SLOT_S = 0.005
+# Sessions are created anew this many times, the rounds split between them. Two sessions
+# of the same file differed by up to 5% at 1x16 on a shared 2-core machine, steadily
+# for the life of the sessions (memory placement of the weights), so a single session
+# per variant would put that into the ratio; fresh sessions per block average it out.
+SESSION_BLOCKS = 5
 
 Progress = Callable[[str], None]
 
@@ -91,7 +97,7 @@ def run_bench(
         settings={
             "threads": threads, "inter_op_threads": 1, "execution_mode": "sequential", "rounds": rounds,
             "warmup": warmup, "shapes": [shape_name(s) for s in shapes], "providers": providers,
-            "new_fraction": NEW_FRACTION, "min_slot_ms": MIN_SLOT_S * 1e3, "sessions": sessions, "inner": {},
+            "new_fraction": NEW_FRACTION, "session_blocks": SESSION_BLOCKS, "min_slot_ms": MIN_SLOT_S * 1e3, "sessions": sessions, "inner": {},
         },
         machine=machine_info(),
         base=_info("base", base),
@@ -106,23 +112,12 @@ def run_bench(
                 say(f"cuda skipped: {reason}")
                 continue
         try:
-            live = {label: ortsess.create_session(a.model_path, provider, threads) for label, a in arts}
-        except EmbdeployError as e:
-            if provider != "cuda":
-                raise
-            result.skipped.append(Skipped("cuda", f"a CUDA session could not be created: {e}"))
+            rows, inner = _time_provider(arts, provider, shapes, threads, rounds, warmup, say)
+        except _CudaFallback as e:
+            result.skipped.append(Skipped("cuda", str(e)))
             continue
-        if provider == "cuda" and any("CUDAExecutionProvider" not in s.get_providers() for s in live.values()):
-            result.skipped.append(Skipped(
-                "cuda", "onnxruntime has the CUDA provider but fell back to CPU (no usable CUDA device or driver); "
-                "check nvidia-smi and the CUDA/cuDNN versions onnxruntime-gpu needs"))
-            continue
-        for shape in shapes:
-            say(f"{provider} {shape_name(shape)}: timing {len(arts)} exports, {rounds} rounds")
-            rows, inner = _time_shape(arts, live, provider, shape, rounds, warmup)
-            result.latency.extend(rows)
-            result.settings["inner"][f"{provider}/{shape_name(shape)}"] = inner
-        del live
+        result.latency.extend(rows)
+        result.settings["inner"].update({f"{provider}/{k}": v for k, v in inner.items()})
 
         if memory_cost:
             for label, a in arts:
@@ -134,28 +129,56 @@ def run_bench(
     return result
 
 
-def _time_shape(arts, live, provider, shape, rounds, warmup):
-    batch, seq = shape
-    entries: list[Entry] = []
-    keep = []  # device buffers for IO binding live as long as the entries
-    for label, a in arts:
-        mixes = [BASE_MIX] if a.K == 0 else [BASE_MIX, NEW_MIX]
-        for mix in mixes:
-            # Same seed per mix: every variant sees the same ids.
-            seed = 1000 * batch + seq + (1 if mix == NEW_MIX else 0)
-            ids = token_ids(batch, seq, a.V, a.K, mix, NEW_FRACTION, seed)
-            feed = session_feed(live[label], ids)
-            run = _cuda_runner(live[label], feed, keep) if provider == "cuda" else _cpu_runner(live[label], feed)
-            entries.append(Entry(key=(label, mix), run=run, batch=batch))
-    base_entry = next(e for e in entries if e.key == ("base", BASE_MIX))
-    inner = calibrate_inner(base_entry.run, MIN_SLOT_S)
-    run_rounds(entries, base_entry.key, rounds, warmup, inner, seed=batch * 100003 + seq)
+class _CudaFallback(EmbdeployError):
+    pass
+
+
+def _time_provider(arts, provider, shapes, threads, rounds, warmup, say):
+    """Rounds split over SESSION_BLOCKS blocks, each with freshly created sessions (see SESSION_BLOCKS)."""
+    entries: dict[tuple, dict[tuple, Entry]] = {shape: {} for shape in shapes}
+    inner: dict[str, int] = {}
+    per_block = [rounds // SESSION_BLOCKS + (1 if i < rounds % SESSION_BLOCKS else 0) for i in range(SESSION_BLOCKS)]
+    order = list(range(len(arts)))
+    for block, block_rounds in enumerate(per_block):
+        if block_rounds == 0:
+            continue
+        random.Random(block).shuffle(order)
+        try:
+            live = {arts[i][0]: ortsess.create_session(arts[i][1].model_path, provider, threads) for i in order}
+        except EmbdeployError as e:
+            if provider == "cuda":
+                raise _CudaFallback(f"a CUDA session could not be created: {e}") from None
+            raise
+        if provider == "cuda" and any("CUDAExecutionProvider" not in s.get_providers() for s in live.values()):
+            raise _CudaFallback(
+                "onnxruntime has the CUDA provider but fell back to CPU (no usable CUDA device or driver); "
+                "check nvidia-smi and the CUDA/cuDNN versions onnxruntime-gpu needs")
+        keep: list = []  # device buffers for IO binding live as long as this block's runners
+        for shape in shapes:
+            batch, seq = shape
+            say(f"{provider} {shape_name(shape)}: block {block + 1}/{SESSION_BLOCKS}, {block_rounds} rounds")
+            for label, a in arts:
+                for mix in [BASE_MIX] if a.K == 0 else [BASE_MIX, NEW_MIX]:
+                    # Same seed per shape and mix: every variant sees the same ids.
+                    ids = token_ids(batch, seq, a.V, a.K, mix, NEW_FRACTION, seed=1000 * batch + seq + (mix == NEW_MIX))
+                    feed = session_feed(live[label], ids)
+                    run = _cuda_runner(live[label], feed, keep) if provider == "cuda" else _cpu_runner(live[label], feed)
+                    entry = entries[shape].setdefault((label, mix), Entry(key=(label, mix), run=run, batch=batch))
+                    entry.run = run
+            group = list(entries[shape].values())
+            base_entry = entries[shape][("base", BASE_MIX)]
+            if shape_name(shape) not in inner:
+                inner[shape_name(shape)] = calibrate_inner(base_entry.run, MIN_SLOT_S)
+            run_rounds(group, base_entry.key, block_rounds, warmup, inner[shape_name(shape)],
+                       seed=block * 7919 + batch * 1009 + seq)
+        del live, keep
     modes = {label: a.mode for label, a in arts}
-    rows = [
-        LatencyRow(provider=provider, shape=shape_name(shape), variant=e.key[0], mode=modes[e.key[0]], mix=e.key[1],
-                   **summarize(e, base_entry))
-        for e in entries
-    ]
+    rows = []
+    for shape in shapes:
+        base_entry = entries[shape][("base", BASE_MIX)]
+        for e in entries[shape].values():
+            rows.append(LatencyRow(provider=provider, shape=shape_name(shape), variant=e.key[0], mode=modes[e.key[0]],
+                                   mix=e.key[1], **summarize(e, base_entry)))
     return rows, inner
 
 

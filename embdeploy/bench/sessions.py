@@ -91,7 +91,16 @@ def add_table(so, name: str, table: np.ndarray, keep: list) -> None:
 
 
 def swap_options(ext_name: str, table: np.ndarray, threads: int, keep: list, disable_prepacking: bool = False):
-    """SessionOptions that give a swap export another (K, H) extension table."""
+    """SessionOptions that give a swap export another (K, H) extension table.
+
+    Goes through embdeploy.onnx.rewrite.swap_session_options, the call a
+    production service makes, when `ext_name` is the name that rewrite uses.
+    """
+    from ..onnx.rewrite import EXT_EMBED, swap_session_options
+
     so = session_options(threads, disable_prepacking)
+    if ext_name == EXT_EMBED:
+        keep.append(table)
+        return swap_session_options(so, table)
     add_table(so, ext_name, table, keep)
     return so

@@ -1,0 +1,342 @@
+"""Export the base model to ONNX once, and keep it in a cache.
+
+    base_dir = export_base(ext)        # ~/.cache/embdeploy/base/<fp[:16]>-<task>-<dtype>/
+    export_base(ext)                   # again: found in the cache, nothing exported
+
+The exported module is the plain base (a deep copy of the extended model with
+the extension modules taken out), wrapped so its outputs follow the task (see
+`wrapper`). Every extension of that base is then a graph rewrite of this one
+file. A cache entry is reused only when its recorded source (weights digest,
+config, task, pooling, dtype, backend) matches and every file still has its
+recorded sha256; otherwise it is rebuilt.
+
+Cache root: `cache_dir`, else `$EMBDEPLOY_CACHE`, else `~/.cache/embdeploy`;
+base exports live in `<root>/base/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from ..errors import EmbdeployError
+from ..fingerprint import table_fingerprint
+from ..fsutil import atomic_output_dir
+from .manifest import (
+    CREATED_BY, FORMAT_VERSION, KIND, MANIFEST, digests, dtype_name, publishable, short_dtype, verify_dir,
+    write_manifest,
+)
+
+OPSET = 18
+BACKENDS = ("torch", "optimum")
+EXPORT_COUNT = 0  # exports run in this process (torch or optimum); the cache keeps it low
+_DUMMY_SHAPE = (2, 16)  # (batch, sequence); validation probes other shapes on purpose
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
+                         "_attn_implementation_autoset", "_commit_hash")
+
+
+def cache_root(cache_dir=None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("EMBDEPLOY_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "embdeploy"
+
+
+# --------------------------------------------------------------------------- what is exported
+
+
+class _Base:
+    """The plain base model and what the cache key and manifest need to know about it."""
+
+    def __init__(self, ext_or_model, plain, task: str | None, pooling: dict | None):
+        from ..extend.model import Extension
+        from .wrapper import check_pooling, infer_task, model_inputs
+
+        self.model = plain  # from plain_model(ext_or_model)
+        if isinstance(ext_or_model, Extension):
+            ext = ext_or_model
+            info = ext.base_info
+            self.task = infer_task(self.model, task or info.task or None)
+            self.pooling = pooling if pooling is not None else info.pooling
+            self.source_path = info.path or None
+            self.embed_fp, self.head_fp, self.head_mode = ext.base_fingerprint, ext.head_fingerprint, ext.head_mode
+            self.V, self.H = ext.V, ext.H
+        else:
+            self.task = infer_task(self.model, task)
+            self.pooling = pooling
+            self.source_path = getattr(self.model.config, "_name_or_path", "") or None
+            self.embed_fp, self.head_fp, self.head_mode, (self.V, self.H) = _tables(self.model)
+        self.pooling = check_pooling(self.pooling) if self.task == "feature-extraction" else None
+        self.inputs = model_inputs(self.model)
+
+    def source(self, dtype: str, backend: str) -> dict:
+        """Everything that decides the exported file; a cache entry is reused only if this matches."""
+        return {
+            "model_class": type(self.model).__name__,
+            "weights": _weights_digest(self.model),
+            "config": _config_digest(self.model.config),
+            "task": self.task,
+            "pooling": self.pooling,
+            "inputs": self.inputs,
+            "dtype": dtype_name(dtype),
+            "backend": backend,
+            "opset": OPSET,
+        }
+
+
+@contextlib.contextmanager
+def plain_model(ext_or_model):
+    """The base model: for an Extension, its model with the original embedding/head modules put back
+    for the duration (restored on exit; no copy of the weights, which may be gigabytes)."""
+    from ..extend.layer import ExtendedEmbedding, ExtendedLMHead
+    from ..extend.model import Extension
+
+    if not isinstance(ext_or_model, Extension):
+        yield ext_or_model
+        return
+    model = ext_or_model.model
+    slots = [
+        (parent, attr, child)
+        for parent in list(model.modules())
+        for attr, child in list(parent.named_children())
+        if isinstance(child, (ExtendedEmbedding, ExtendedLMHead))
+    ]
+    try:
+        for parent, attr, child in slots:
+            setattr(parent, attr, child.base)
+        yield model
+    finally:
+        for parent, attr, child in slots:
+            setattr(parent, attr, child)
+
+
+def _tables(model):
+    from torch import nn
+
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        head = None
+    mode = "none"
+    if head is not None:
+        mode = "tied" if head.weight.data_ptr() == emb.weight.data_ptr() else "untied"
+    head_fp = table_fingerprint(head.weight) if mode == "untied" else None
+    return table_fingerprint(emb.weight), head_fp, mode, tuple(emb.weight.shape)
+
+
+def _weights_digest(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict(keep_vars=False).items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(table_fingerprint(t).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _config_digest(config) -> str:
+    d = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return "sha256:" + hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- export_base
+
+
+def export_base(
+    ext_or_model,
+    task: str | None = None,
+    pooling: dict | None = None,
+    dtype: str = "fp32",
+    backend: str = "torch",
+    cache_dir=None,
+    out=None,
+    overwrite: bool = False,
+    progress=None,
+) -> Path:
+    """Export the base model of `ext_or_model` (an Extension, or a plain transformers model) once.
+
+    Returns the cache directory (model.onnx, model.onnx.data, embdeploy.json with
+    mode "base", K=0). With `out`, the export is also copied to that directory
+    (atomically; `overwrite` to replace it). `task` and `pooling` default to the
+    extension's base info (a plain model: task from its class, no pooling).
+    """
+    say = progress or (lambda msg: None)
+    if backend not in BACKENDS:
+        raise EmbdeployError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    dtype = short_dtype(dtype)
+    with plain_model(ext_or_model) as plain:
+        training = plain.training
+        plain.eval()
+        try:
+            base = _Base(ext_or_model, plain, task, pooling)
+            entry = cache_root(cache_dir) / "base" / f"{base.embed_fp.split(':')[-1][:16]}-{base.task}-{dtype}"
+            source = base.source(dtype, backend)
+            if _cache_hit(entry, source):
+                say(f"base export found in the cache: {entry}")
+            else:
+                if dtype == "fp16":
+                    fp32_dir = export_base(plain, base.task, base.pooling, "fp32", backend, cache_dir, progress=progress)
+                    say("casting the base export to float16")
+                    proto = _fp16_from(fp32_dir)
+                else:
+                    say(f"exporting the base model to ONNX ({backend}; done once per base, then cached)")
+                    proto = _export_proto(base, backend)
+                _write_base(entry, proto, base, source)
+        finally:
+            plain.train(training)
+    if out is not None:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            publishable(tmp)
+            for p in entry.iterdir():
+                shutil.copy2(p, tmp / p.name)
+    return Path(out) if out is not None else entry
+
+
+def _cache_hit(entry: Path, source: dict) -> bool:
+    if not (entry / MANIFEST).is_file():
+        return False
+    try:
+        m = verify_dir(entry)
+    except EmbdeployError:
+        return False  # tampered or half-deleted: rebuilt
+    return m.get("mode") == "base" and m.get("source") == source
+
+
+def _fp16_from(fp32_dir: Path):
+    from ..onnx.io import load_model
+    from .graph import to_float16
+
+    return to_float16(load_model(fp32_dir))
+
+
+def _export_proto(base: _Base, backend: str):
+    global EXPORT_COUNT
+    from ..onnx.io import load_model
+    from .wrapper import OutputWrapper
+
+    EXPORT_COUNT += 1
+    with tempfile.TemporaryDirectory(prefix="embdeploy-base-") as tmp:
+        if backend == "optimum":
+            path = _optimum_export(base, Path(tmp))
+        else:
+            path = Path(tmp) / "model.onnx"
+            wrapper = OutputWrapper(base.model, base.task, base.pooling, base.inputs).eval()
+            _torch_export(wrapper, path)
+        return load_model(path)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Scoped: torch.onnx logs a warning per missing torchvision op, warns a lot, and torch.export
+    prints whole graphs to stdout when it fails; our error message says what matters."""
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _torch_export(wrapper, path: Path) -> None:
+    """torch.onnx (dynamo) export of `wrapper` to `path`, batch and sequence axes dynamic."""
+    import torch
+
+    V = wrapper.model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, _DUMMY_SHAPE, generator=g)
+    dummies = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    args = tuple(dummies[n] for n in wrapper.input_names)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            torch.onnx.export(
+                wrapper, args, str(path), dynamo=True, opset_version=OPSET, external_data=True,
+                input_names=wrapper.input_names, output_names=wrapper.output_names,
+                dynamic_shapes={n: {0: batch, 1: seq} for n in wrapper.input_names}, verbose=False,
+            )
+    except Exception as e:  # torch.export / onnxscript raise many types for unsupported code
+        root = e.__cause__ or e  # torch.onnx wraps the torch.export error in a long how-to text
+        first = next((ln for ln in str(root).splitlines() if ln.strip()), type(root).__name__)
+        raise EmbdeployError(
+            f"torch.onnx could not export {type(wrapper.model).__name__} ({type(root).__name__}: {first[:300]}). "
+            "Export the base yourself (e.g. `optimum-cli export onnx`) and pass it with --base-onnx PATH, "
+            "or try --backend optimum"
+        ) from e
+
+
+def _optimum_export(base: _Base, tmp: Path) -> Path:
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError:
+        raise EmbdeployError(
+            "--backend optimum needs the optimum ONNX exporter, which is not installed. Install optimum-onnx "
+            "in an environment with transformers<4.58 (its supported range), or use --backend torch, or export "
+            "the base yourself and pass it with --base-onnx PATH"
+        ) from None
+    if not base.source_path or not Path(base.source_path).is_dir():
+        raise EmbdeployError(
+            "--backend optimum exports from a model directory, and this base has none on disk "
+            f"({base.source_path!r}); save it with save_pretrained first, or use --backend torch"
+        )
+    if base.pooling:
+        raise EmbdeployError(
+            "--backend optimum does not add embdeploy's sentence_embedding output; use --backend torch, or "
+            "export with optimum yourself (library sentence_transformers) and pass it with --base-onnx PATH"
+        )
+    try:
+        main_export(base.source_path, output=tmp, task=base.task, opset=OPSET, no_post_process=True)
+    except Exception as e:
+        raise EmbdeployError(f"optimum could not export {base.source_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    path = tmp / "model.onnx"
+    if not path.is_file():
+        raise EmbdeployError(f"optimum wrote no model.onnx in its output ({sorted(p.name for p in tmp.iterdir())})")
+    return path
+
+
+def _write_base(entry: Path, proto, base: _Base, source: dict) -> None:
+    from ..onnx.io import save_model
+    from ..onnx.rewrite import find_embedding
+    from .graph import graph_outputs, input_roles
+
+    roles = input_roles(proto, find_embedding(proto, base.model.get_input_embeddings().weight.detach().numpy()).gathers)
+    with atomic_output_dir(entry, overwrite=True) as tmp:
+        publishable(tmp)
+        save_model(proto, tmp)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": KIND,
+            "mode": "base",
+            "task": base.task,
+            "V": base.V,
+            "K": 0,
+            "H": base.H,
+            "dtype": source["dtype"],
+            "inputs": list(roles),
+            "input_roles": roles,
+            "outputs": graph_outputs(proto),
+            "model_file": "model.onnx",
+            "extension_initializers": {"embed": None, "head": None},
+            "base_onnx": None,
+            "base_fingerprint": {"embed": base.embed_fp, "head": base.head_fp},
+            "extension_fingerprint": None,
+            "head": base.head_mode,
+            "tokens": [],
+            "pooling": base.pooling,
+            "source": source,
+            "files": digests(tmp),
+            "validation": None,
+            "created_by": CREATED_BY,
+        }
+        write_manifest(tmp, manifest)

@@ -1,0 +1,226 @@
+"""Export an extension: rewrite the cached base ONNX, write the directory, validate, then publish.
+
+    result = export_extension("clinical-ext", "swap", "clinical-onnx")
+    result.report.max_abs_diff   # ORT vs PyTorch, every output, every probe
+
+The output directory appears only once the validation passed: everything is
+written to `.NAME.partial-*` first and renamed at the end; a failed validation
+(ValidationFailed) removes it. Layout:
+
+    model.onnx            the graph
+    model.onnx.data       base weights (and, in merged mode, the (V+K, H) table)
+    extension.onnx.data   split/swap: the (K, H) extension table(s)
+    tokenizer files       the extended tokenizer
+    config.json           the base config with vocab_size = V + K
+    embdeploy.json        mode, shapes, fingerprints, sha256 of every file, the validation report
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import EmbdeployError, FingerprintMismatch
+from ..fsutil import atomic_output_dir, check_output_dir
+from .manifest import (
+    CREATED_BY, FORMAT_VERSION, KIND, MANIFEST, digests, dtype_name, publishable, read_manifest, short_dtype,
+    verify_dir, write_manifest,
+)
+
+EXPORT_MODES = ("merged", "split", "swap")
+EXTENSION_DATA = "extension.onnx.data"
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    mode: str
+    dtype: str  # "float32" | "float16"
+    base_onnx: Path  # the base export (directory or file) that was rewritten
+    base_cached: bool  # True when the base came from the cache or --base-onnx (no torch export ran)
+    manifest: dict
+    report: object | None  # ValidationReport, None with validate=False
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: base, rewrite, write, validate, total
+
+
+def export_extension(
+    ext,
+    mode: str,
+    out,
+    base_onnx=None,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    validate: bool = True,
+    cache_dir=None,
+    progress=None,
+    backend: str = "torch",
+    provider: str = "cpu",
+) -> ExportResult:
+    """Export `ext` (an Extension or an extension directory) to ONNX directory `out` in `mode`.
+
+    The base comes from `base_onnx` (an ONNX file or directory, e.g. from
+    `optimum-cli export onnx`) or else from `export_base` (cached). With
+    `validate` (the default) ORT is checked against PyTorch on `provider` and a
+    failure raises ValidationFailed with `out` not created.
+    """
+    from ..extend.model import Extension, load_extension
+    from ..onnx import rewrite as rw
+    from ..onnx.io import load_model, save_model
+    from . import base as base_export
+    from .graph import input_roles, to_float16
+    from .validate import validate as run_validation
+
+    say = progress or (lambda msg: None)
+    t_start = time.perf_counter()
+    problems = []
+    if mode not in EXPORT_MODES:
+        problems.append(f"unknown mode {mode!r}; choose one of {', '.join(EXPORT_MODES)}")
+    try:
+        dtype = short_dtype(dtype)
+    except EmbdeployError as e:
+        problems.append(str(e))
+    if problems:
+        raise EmbdeployError("; ".join(problems))
+    out = Path(out)
+    check_output_dir(out, overwrite)  # fail before minutes of export, not after
+
+    extension_dir = None
+    if not isinstance(ext, Extension):
+        extension_dir = Path(ext).resolve()
+        say(f"loading the extension {extension_dir}")
+        ext = load_extension(extension_dir)
+    if ext.K == 0:
+        raise EmbdeployError("the extension has no tokens (K=0); nothing to export")
+
+    timings = {}
+    t = time.perf_counter()
+    if base_onnx is not None:
+        base_path, base_manifest = _user_base(Path(base_onnx), ext)
+        base_cached = True
+    else:
+        exports_before = base_export.EXPORT_COUNT
+        base_path = base_export.export_base(ext, dtype=dtype, backend=backend, cache_dir=cache_dir, progress=say)
+        base_manifest = read_manifest(base_path)
+        base_cached = base_export.EXPORT_COUNT == exports_before
+    timings["base"] = time.perf_counter() - t
+
+    say(f"rewriting the base graph ({mode}, K={ext.K})")
+    t = time.perf_counter()
+    proto = load_model(base_path)
+    base_table = ext.base_table().detach().cpu().numpy()
+    emb = rw.find_embedding(proto, base_table)
+    if emb.dtype.name == "float16" and dtype == "fp32":
+        raise EmbdeployError(
+            f"the base ONNX {base_path} is float16; export with --dtype fp16, or pass a float32 base"
+        )
+    if emb.dtype.name == "float32" and dtype == "fp16":
+        proto = to_float16(proto)  # a user's float32 base (ours come from the cache already cast)
+    roles = (base_manifest or {}).get("input_roles") or input_roles(proto, emb.gathers)
+    head_table = head_ext = None
+    if ext.head_mode == "untied":
+        head_table = ext.base_head_table().detach().cpu().numpy()
+        head_ext = ext.head_table().cpu().numpy()
+    rewrite = {"merged": rw.rewrite_merged, "split": rw.rewrite_split, "swap": rw.rewrite_swap}[mode]
+    new, _ = rewrite(proto, base_table, ext.embed_table().cpu().numpy(), head_table, head_ext)
+    del proto
+    timings["rewrite"] = time.perf_counter() - t
+
+    names = {i.name for i in new.graph.initializer}
+    separate = {n: EXTENSION_DATA for n in (rw.EXT_EMBED, rw.EXT_HEAD) if n in names} if mode != "merged" else {}
+    report = None
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        publishable(tmp)
+        t = time.perf_counter()
+        save_model(new, tmp, separate=separate)
+        del new
+        ext.tokenizer.save_pretrained(str(tmp))
+        config = copy.deepcopy(ext.model.config)
+        config.vocab_size = ext.V + ext.K
+        config.save_pretrained(str(tmp))
+        manifest = _manifest(ext, mode, dtype, tmp, base_path, extension_dir, roles)
+        write_manifest(tmp, manifest)
+        timings["write"] = time.perf_counter() - t
+        if validate:
+            say(f"validating against PyTorch on {provider}")
+            t = time.perf_counter()
+            report = run_validation(tmp, ext, provider=provider, _partial=True, _shown_as=out)
+            timings["validate"] = time.perf_counter() - t
+            manifest["validation"] = report.to_json()
+            write_manifest(tmp, manifest)
+    timings["total"] = time.perf_counter() - t_start
+    say(f"wrote {out}")
+    return ExportResult(out, mode, dtype_name(dtype), base_path, base_cached, manifest, report, timings)
+
+
+def _user_base(path: Path, ext) -> tuple[Path, dict | None]:
+    """An ONNX file or directory given with --base-onnx; our own base exports are verified first."""
+    path = path.expanduser().resolve()
+    if not path.exists():
+        raise EmbdeployError(f"--base-onnx {path} does not exist; pass an ONNX file or the directory holding model.onnx")
+    manifest = None
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            manifest = verify_dir(path)
+            if manifest["mode"] != "base":
+                raise EmbdeployError(
+                    f"--base-onnx {path} is a {manifest['mode']!r} export (already extended); pass the base export"
+                )
+            fp = manifest.get("base_fingerprint", {}).get("embed")
+            if fp != ext.base_fingerprint:
+                raise FingerprintMismatch(
+                    f"--base-onnx {path} was exported from another base (embedding fingerprint {str(fp)[:23]}…, "
+                    f"the extension's base has {ext.base_fingerprint[:23]}…); export the base this extension was made for"
+                )
+        elif not (path / "model.onnx").is_file():
+            found = sorted(p.name for p in path.glob("*.onnx"))
+            hint = f" (it holds {', '.join(found)}; pass that file)" if found else ""
+            raise EmbdeployError(f"--base-onnx {path} has no model.onnx{hint}")
+    return path, manifest
+
+
+def _manifest(ext, mode, dtype, tmp: Path, base_path: Path, extension_dir, roles) -> dict:
+    import onnx
+
+    from ..onnx.rewrite import EXT_EMBED, EXT_HEAD
+    from .graph import graph_inputs, graph_outputs
+
+    graph = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
+    fed = graph_inputs(graph)
+    info = ext.base_info
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": KIND,
+        "mode": mode,
+        "task": _task(ext),
+        "V": ext.V,
+        "K": ext.K,
+        "H": ext.H,
+        "dtype": dtype_name(dtype),
+        "inputs": fed,
+        "input_roles": {n: roles[n] for n in fed if n in roles},
+        "outputs": graph_outputs(graph),
+        "model_file": "model.onnx",
+        "extension_initializers": {
+            "embed": EXT_EMBED if mode != "merged" else None,
+            "head": EXT_HEAD if mode != "merged" and ext.head_mode == "untied" else None,
+        },
+        "base_onnx": str(base_path),
+        "base_fingerprint": {"embed": ext.base_fingerprint, "head": ext.head_fingerprint},
+        "extension_fingerprint": ext.extension_fingerprint(),
+        "extension_dir": str(extension_dir) if extension_dir else None,
+        "base_model": info.to_json(),
+        "head": ext.head_mode,
+        "tokens": [{"token": t, "id": i} for t, i in ext.token_ids.items()],
+        "pooling": info.pooling if _task(ext) == "feature-extraction" else None,
+        "files": digests(tmp),
+        "validation": None,
+        "created_by": CREATED_BY,
+    }
+
+
+def _task(ext) -> str:
+    from .wrapper import infer_task
+
+    return infer_task(ext.model, ext.base_info.task or None)

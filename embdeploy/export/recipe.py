@@ -1,0 +1,61 @@
+"""Export recipes: declarative JSON files holding `embdeploy export` arguments.
+
+    {"recipe_version": 1, "name": "minilm-swap-cpu", "description": "...",
+     "mode": "swap", "dtype": "fp32", "backend": "torch", "provider": "cpu", "validate": true}
+
+`load_recipe` returns only the export arguments (mode, dtype, backend,
+provider, validate, base_onnx, out), ready for `export_extension(ext, **args)`;
+a relative `base_onnx` is resolved against the recipe's folder (it ships with
+the recipe), a relative `out` against the working directory (like --out). Unknown keys
+and bad values are refused, all listed at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import EmbdeployError, raise_all
+from .base import BACKENDS
+from .extension import EXPORT_MODES
+from .validate import PROVIDERS
+
+RECIPE_VERSION = 1
+_CHOICES = {"mode": EXPORT_MODES, "dtype": ("fp32", "fp16"), "backend": BACKENDS, "provider": tuple(PROVIDERS)}
+_META = ("recipe_version", "name", "description")
+_ARGS = (*_CHOICES, "validate", "base_onnx", "out")
+
+
+def load_recipe(path) -> dict:
+    """Read and check a recipe; return its export arguments."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EmbdeployError(f"recipe {p} does not exist; pass a JSON file like export/minilm-merged-cpu.json")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EmbdeployError(f"recipe {p} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise EmbdeployError(f"recipe {p} must hold a JSON object of export arguments")
+    problems = []
+    unknown = sorted(set(data) - set(_META) - set(_ARGS))
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_META + _ARGS)}")
+    if data.get("recipe_version", RECIPE_VERSION) != RECIPE_VERSION:
+        problems.append(f"recipe_version is {data.get('recipe_version')!r}; this embdeploy reads version {RECIPE_VERSION}")
+    if "mode" not in data:
+        problems.append(f"mode is required ({', '.join(EXPORT_MODES)})")
+    for key, choices in _CHOICES.items():
+        if key in data and data[key] not in choices:
+            problems.append(f"{key} is {data[key]!r}; choose one of {', '.join(choices)}")
+    if "validate" in data and not isinstance(data["validate"], bool):
+        problems.append(f"validate is {data['validate']!r}; use true or false")
+    for key in ("name", "description", "base_onnx", "out"):
+        if key in data and not isinstance(data[key], str):
+            problems.append(f"{key} must be a string")
+    raise_all(problems, f"recipe {p} has problems:")
+    args = {k: data[k] for k in _ARGS if k in data}
+    if "base_onnx" in args:
+        base = Path(args["base_onnx"]).expanduser()
+        args["base_onnx"] = str(base if base.is_absolute() else (p.parent / base).resolve())
+    return args

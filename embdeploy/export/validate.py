@@ -1,0 +1,539 @@
+"""Check an exported ONNX directory against PyTorch, number by number. A gate, not a warning.
+
+    report = validate("clinical-onnx", ext)     # raises ValidationFailed on any failed check
+    print(report.render())
+
+Probes (every one runs through ONNX Runtime and through the extended PyTorch
+model wrapped like the export, see `wrapper.task_outputs`):
+
+    new tokens (text)  texts holding every new token, batched and padded
+    new ids (direct)   every id V..V+K-1 fed directly (V and V+K-1 first), not via the tokenizer
+    base only          a text without new tokens
+    padding            a batch of very different lengths, right-padded
+    one token          batch 1, sequence 1: shapes unlike the export's dummy (2, 16)
+
+Per probe and output: names and shapes must match, values must be finite, and
+max |ort - torch|, mean |ort - torch| and the worst cosine (over the last axis,
+per row) must be within TOLERANCES[(dtype, provider)]. Per-token outputs are
+compared where attention_mask is 1 (padding positions are not defined).
+
+Swap exports are also run with a replacement extension table (rows permuted
+and perturbed), given to ONNX Runtime per session and to PyTorch as the
+extension's rows, to prove the table really is swappable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EmbdeployError, FingerprintMismatch, ValidationFailed
+
+# --------------------------------------------------------------------------- tolerances
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A check passes when max_abs <= atol + rtol * max|ref|, mean_abs <= mean_atol + rtol * mean|ref|
+    and the worst row cosine >= min_cosine."""
+
+    atol: float
+    rtol: float
+    mean_atol: float
+    min_cosine: float
+
+
+# The one table of tolerances. fp32 on CPU is the same math in another order; CUDA
+# adds TF32/fused kernels; fp16 is compared with the fp32 PyTorch model, so it shows
+# the precision lost, bounded.
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    ("float32", "cpu"): Tolerance(atol=1e-4, rtol=1e-4, mean_atol=1e-5, min_cosine=0.99999),
+    ("float32", "cuda"): Tolerance(atol=1e-3, rtol=1e-3, mean_atol=1e-4, min_cosine=0.9999),
+    ("float16", "cpu"): Tolerance(atol=3e-2, rtol=1e-2, mean_atol=3e-3, min_cosine=0.999),
+    ("float16", "cuda"): Tolerance(atol=5e-2, rtol=2e-2, mean_atol=5e-3, min_cosine=0.998),
+}
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+_ALIASES = {"token_embeddings": "last_hidden_state"}  # optimum's sentence-transformers export
+TOKENS_PER_TEXT = 16
+BATCH = 8
+
+
+def tolerance_for(dtype: str, provider: str) -> Tolerance:
+    try:
+        return TOLERANCES[(dtype, provider)]
+    except KeyError:
+        raise EmbdeployError(
+            f"no tolerance for dtype {dtype} on provider {provider!r}; providers: {', '.join(PROVIDERS)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Check:
+    probe: str
+    output: str
+    shape: list[int]
+    max_abs: float
+    mean_abs: float
+    min_cosine: float
+    ref_max_abs: float
+    ok: bool
+    problem: str | None = None
+
+
+@dataclass
+class ValidationReport:
+    onnx_dir: str
+    mode: str
+    dtype: str
+    provider: str
+    tolerance: Tolerance
+    checks: list[Check] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # failures that are not a number (names, shapes, ids)
+    notes: list[str] = field(default_factory=list)
+    new_ids_checked: int = 0
+    extension_fingerprint_matches: bool = True
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and all(c.ok for c in self.checks)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((c.max_abs for c in self.checks), default=0.0)
+
+    def outputs(self) -> dict[str, dict]:
+        """Worst values per output over all probes."""
+        worst: dict[str, dict] = {}
+        for c in self.checks:
+            w = worst.setdefault(c.output, {"max_abs": 0.0, "mean_abs": 0.0, "min_cosine": 1.0, "ok": True})
+            w["max_abs"] = max(w["max_abs"], c.max_abs)
+            w["mean_abs"] = max(w["mean_abs"], c.mean_abs)
+            w["min_cosine"] = min(w["min_cosine"], c.min_cosine)
+            w["ok"] = w["ok"] and c.ok
+        return worst
+
+    def failures(self) -> list[str]:
+        lines = list(self.problems)
+        tol = self.tolerance
+        for c in self.checks:
+            if not c.ok:
+                lines.append(
+                    c.problem or f"{c.probe} / {c.output}: max |diff| {c.max_abs:.3g} (allowed {tol.atol + tol.rtol * c.ref_max_abs:.3g}), "
+                    f"mean {c.mean_abs:.3g}, worst cosine {c.min_cosine:.6f} (min {tol.min_cosine})"
+                )
+        return lines
+
+    def to_json(self) -> dict:
+        return {
+            "passed": self.passed,
+            "onnx_dir": self.onnx_dir,
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "provider": self.provider,
+            "tolerance": asdict(self.tolerance),
+            "max_abs_diff": self.max_abs_diff,
+            "outputs": self.outputs(),
+            "new_ids_checked": self.new_ids_checked,
+            "extension_fingerprint_matches": self.extension_fingerprint_matches,
+            "problems": self.failures(),
+            "notes": self.notes,
+            "checks": [asdict(c) for c in self.checks],
+            "seconds": round(self.seconds, 3),
+        }
+
+    def table(self):
+        """A rich Table: one row per probe and output."""
+        from rich.table import Table
+
+        status = "[green]passed[/green]" if self.passed else "[red]FAILED[/red]"
+        t = Table(title=f"validation {status}: {self.mode} {self.dtype} on {self.provider} ({self.onnx_dir})")
+        for col in ("probe", "output", "shape", "max |diff|", "mean |diff|", "worst cos", ""):
+            t.add_column(col, justify="right" if "diff" in col or "cos" in col else "left")
+        for c in self.checks:
+            t.add_row(c.probe, c.output, "x".join(map(str, c.shape)), f"{c.max_abs:.2e}", f"{c.mean_abs:.2e}",
+                      f"{c.min_cosine:.6f}", "ok" if c.ok else "[red]FAIL[/red]")
+        return t
+
+    def render(self, width: int = 120) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=width, force_terminal=False, color_system=None)
+        console.print(self.table())
+        tol = self.tolerance
+        console.print(f"tolerance: atol {tol.atol:g} + rtol {tol.rtol:g}·max|ref|, mean {tol.mean_atol:g}, "
+                      f"cosine >= {tol.min_cosine}; {self.new_ids_checked} new ids checked in {self.seconds:.1f}s")
+        for line in self.failures():
+            console.print(f"FAIL: {line}")
+        for note in self.notes:
+            console.print(f"note: {note}")
+        return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- probes
+
+
+@dataclass
+class Probe:
+    name: str
+    input_ids: np.ndarray  # (B, S) int64
+    attention_mask: np.ndarray  # (B, S) int64, right padding
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _batches(name: str, rows: list[list[int]], pad_id: int) -> list[Probe]:
+    probes = []
+    for start in range(0, len(rows), BATCH):
+        chunk = rows[start : start + BATCH]
+        suffix = f" {start // BATCH + 1}" if len(rows) > BATCH else ""
+        probes.append(Probe(name + suffix, *_pad(chunk, pad_id)))
+    return probes
+
+
+def max_positions(config, cap: int = 512) -> int:
+    """The longest sequence the model takes (position table size), capped to keep probes cheap."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, cap)
+    return cap
+
+
+def build_probes(tokenizer, V: int, K: int, max_len: int = 512) -> tuple[list[Probe], list[str]]:
+    """The probes of the module docstring, rows at most `max_len` long, and notes for the report."""
+    tokens = [tokenizer.convert_ids_to_tokens(i) for i in range(V, V + K)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    start = [i for i in (tokenizer.cls_token_id, tokenizer.bos_token_id) if i is not None][:1]
+    per_text = max(1, min(TOKENS_PER_TEXT, max_len // 4))  # room for the filler pieces around them
+    per_row = max(1, min(2 * TOKENS_PER_TEXT, max_len - len(start)))
+
+    def encode(text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_len]
+        return ids or start or [0]
+
+    probes, notes, produced = [], [], set()
+    if K:
+        text_rows = []
+        for s in range(0, K, per_text):
+            text_rows.append(encode("the " + " , ".join(tokens[s : s + per_text]) + " ."))
+            produced.update(i for i in text_rows[-1] if i >= V)
+        probes += _batches("new tokens (text)", text_rows, pad_id)
+        missing = [t for i, t in zip(range(V, V + K), tokens) if i not in produced]
+        if missing:
+            notes.append(
+                f"{len(missing)} new token(s) are not produced as their id by the tokenizer in a plain sentence "
+                f"(e.g. {', '.join(map(repr, missing[:5]))}); their rows are still checked through the direct-id probe"
+            )
+        new_ids = [V + K - 1, V] + list(range(V + 1, V + K - 1)) if K > 1 else [V]
+        id_rows = [start + new_ids[s : s + per_row] for s in range(0, len(new_ids), per_row)]
+        probes += _batches("new ids (direct)", id_rows, pad_id)
+    base_text = "the quick brown fox jumps over the lazy dog"
+    base_ids = encode(base_text)
+    if any(i >= V for i in base_ids):
+        notes.append("the base-only probe text contains new tokens; it still runs, but is not base-only")
+    probes.append(Probe("base only", *_pad([base_ids], pad_id)))
+    long_text = f"{base_text} and then {base_text} again" + (f" {tokens[-1]}" if K else "")
+    pad_rows = [encode(long_text), encode(f"a {tokens[0]}" if K else "a"), encode("hello world")]
+    probes.append(Probe("padding", *_pad(pad_rows, pad_id)))
+    probes.append(Probe("one token", *_pad([[V + K - 1 if K else (start or [0])[0]]], pad_id)))
+    return probes, notes
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _compare(probe: Probe, name: str, got: np.ndarray, want: np.ndarray, tol: Tolerance) -> Check:
+    shape = list(got.shape)
+    if got.shape != want.shape:
+        return Check(probe.name, name, shape, float("inf"), float("inf"), -1.0, 0.0, False,
+                     f"{probe.name} / {name}: ONNX shape {list(got.shape)}, PyTorch shape {list(want.shape)}")
+    got64, want64 = got.astype(np.float64), want.astype(np.float64)
+    if got.ndim >= 3 and got.shape[:2] == probe.attention_mask.shape:
+        keep = probe.attention_mask.astype(bool)  # per-token output: real positions only
+        got64, want64 = got64[keep], want64[keep]
+    if not np.isfinite(got64).all():
+        return Check(probe.name, name, shape, float("inf"), float("inf"), -1.0, 0.0, False,
+                     f"{probe.name} / {name}: ONNX Runtime returned NaN or Inf")
+    diff = np.abs(got64 - want64)
+    max_abs, mean_abs = float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0
+    ref_max, ref_mean = float(np.abs(want64).max(initial=0.0)), float(np.abs(want64).mean()) if want64.size else 0.0
+    a = got64.reshape(-1, got64.shape[-1]) if got64.ndim else got64.reshape(1, 1)
+    b = want64.reshape(-1, want64.shape[-1]) if want64.ndim else want64.reshape(1, 1)
+    na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+    rows = nb > 1e-6  # a cosine of (near) zero vectors means nothing
+    cos = (a[rows] * b[rows]).sum(-1) / np.maximum(na[rows] * nb[rows], 1e-30)
+    min_cos = float(cos.min()) if cos.size else 1.0
+    ok = (
+        max_abs <= tol.atol + tol.rtol * ref_max
+        and mean_abs <= tol.mean_atol + tol.rtol * ref_mean
+        and min_cos >= tol.min_cosine
+    )
+    return Check(probe.name, name, shape, max_abs, mean_abs, min_cos, ref_max, ok)
+
+
+def _match_outputs(names: list[str], got: list[np.ndarray], ref: dict) -> tuple[dict[str, str], list[str]]:
+    """{onnx output: reference output}: same name, a known alias, or else the one reference of the same shape."""
+    mapping, problems = {}, []
+    for name, value in zip(names, got):
+        key = name if name in ref else _ALIASES.get(name)
+        if key not in ref:
+            same = [k for k, v in ref.items() if tuple(v.shape) == value.shape and k not in mapping.values()]
+            key = same[0] if len(same) == 1 else None
+        if key is None:
+            problems.append(
+                f"ONNX output {name!r} {list(value.shape)} has no PyTorch counterpart (PyTorch gives "
+                f"{', '.join(f'{k} {list(v.shape)}' for k, v in ref.items())}); embdeploy cannot check it"
+            )
+        else:
+            mapping[name] = key
+    return mapping, problems
+
+
+# --------------------------------------------------------------------------- running
+
+
+class _Reference:
+    """The extended PyTorch model, called like the export."""
+
+    def __init__(self, ext, task: str, pooling, roles: set[str]):
+        import inspect
+
+        from .wrapper import model_inputs
+
+        self.ext, self.task, self.pooling = ext, task, pooling
+        self.inputs = set(model_inputs(ext.model))
+        if "position_ids" in roles and "position_ids" in inspect.signature(ext.model.forward).parameters:
+            self.inputs.add("position_ids")
+
+    def __call__(self, feeds: dict[str, np.ndarray], V: int | None = None) -> dict[str, np.ndarray]:
+        import torch
+
+        from .wrapper import task_outputs
+
+        device = self.ext.base_table().device
+        kwargs = {k: torch.from_numpy(v).to(device) for k, v in feeds.items() if k in self.inputs}
+        with torch.no_grad():
+            out = task_outputs(self.ext.model, self.task, self.pooling, kwargs, extras=True)
+        result = {k: v.detach().float().cpu().numpy() for k, v in out.items()}
+        if V is not None and "logits" in result:  # a base export: logits over the base vocabulary only
+            result["logits"] = result["logits"][..., :V]
+        return result
+
+
+def _role_feeds(probe: Probe) -> dict[str, np.ndarray]:
+    mask = probe.attention_mask
+    return {
+        "input_ids": probe.input_ids,
+        "attention_mask": mask,
+        "token_type_ids": np.zeros_like(probe.input_ids),
+        "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64),
+    }
+
+
+_ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _session(model_path: Path, provider: str, options=None):
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise EmbdeployError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    wanted = PROVIDERS[provider][0]
+    if wanted not in ort.get_available_providers():
+        raise EmbdeployError(
+            f"ONNX Runtime here has no {wanted} (available: {', '.join(ort.get_available_providers())}); "
+            "install onnxruntime-gpu for cuda, or validate with provider cpu"
+        )
+    so = options or ort.SessionOptions()
+    so.log_severity_level = 3  # swap models: ORT notes its overridable initializers at every load
+    try:
+        return ort.InferenceSession(str(model_path), so, providers=PROVIDERS[provider])
+    except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+        raise EmbdeployError(f"ONNX Runtime cannot load {model_path}: {str(e).splitlines()[0]}") from None
+
+
+def _run_probes(sess, roles: dict[str, str], reference, probes, tol, report, label: str = "", base_V=None) -> None:
+    names = [o.name for o in sess.get_outputs()]
+    types = {i.name: i.type for i in sess.get_inputs()}
+    mapping = None
+    for probe in probes:
+        feeds = _role_feeds(probe)
+        ort_feed = {}
+        for name, role in roles.items():
+            dtype = _ORT_INT.get(types.get(name))
+            if dtype is None:
+                report.problems.append(f"input {name!r} has type {types.get(name)}; embdeploy feeds int64 or int32 ids")
+                return
+            ort_feed[name] = feeds[role].astype(dtype)
+        try:
+            got = sess.run(None, ort_feed)
+        except Exception as e:  # ORT's RuntimeException etc.
+            report.problems.append(f"{label}{probe.name}: ONNX Runtime failed: {str(e).splitlines()[0]}")
+            continue
+        ref = reference(feeds, base_V)
+        if mapping is None:
+            mapping, problems = _match_outputs(names, got, ref)
+            report.problems.extend(problems)
+        for name, value in zip(names, got):
+            if name in mapping:
+                check = _compare(probe, name, np.asarray(value), ref[mapping[name]], tol)
+                check.probe = label + check.probe
+                if check.problem:
+                    check.problem = label + check.problem
+                report.checks.append(check)
+
+
+@contextlib.contextmanager
+def _extension_rows(ext, embed: np.ndarray, head: np.ndarray | None):
+    """Temporarily give the extension's PyTorch tables these (K, H) rows (restored on exit)."""
+    import torch
+
+    params = list(ext.embed_tables.values())
+    tables = [(params, embed)]
+    if head is not None and ext.head_mode == "untied":
+        tables.append((list(ext.head_tables.values()), head))
+    saved = [(p, p.data) for ps, _ in tables for p in ps]
+    try:
+        for ps, rows in tables:
+            offset = 0
+            for p in ps:
+                n = p.shape[0]
+                p.data = torch.from_numpy(np.ascontiguousarray(rows[offset : offset + n])).to(p.device, p.dtype)
+                offset += n
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
+def _replacement(table: np.ndarray, seed: int) -> np.ndarray:
+    """Rows permuted (reversed, shifted) and perturbed: a different table of the same shape."""
+    rng = np.random.default_rng(seed)
+    rows = np.roll(table[::-1], 1, axis=0).astype(np.float32)
+    scale = float(table.std()) or 1.0
+    return rows + rng.normal(0.0, 0.5 * scale, size=rows.shape).astype(np.float32)
+
+
+def validate(
+    onnx_dir, ext, provider: str = "cpu", _partial: bool = False, _shown_as=None, _manifest: dict | None = None
+) -> ValidationReport:
+    """Validate the export in `onnx_dir` against extension `ext`; raise ValidationFailed on any failure.
+
+    Returns the report when every check passed. The exception carries it as `.report`.
+    """
+    from .manifest import verify_dir
+    from .wrapper import check_pooling, infer_task
+
+    t0 = time.perf_counter()
+    onnx_dir = Path(onnx_dir)
+    m = _manifest or verify_dir(onnx_dir, _allow_partial=_partial)  # _manifest: verified by the caller
+    dtype, mode = m.get("dtype", "float32"), m["mode"]
+    # An export validates its temporary directory but reports the name it will have.
+    report = ValidationReport(str(_shown_as or onnx_dir), mode, dtype, provider, tolerance_for(dtype, provider))
+
+    recorded = (m.get("base_fingerprint") or {}).get("embed")
+    if recorded != ext.base_fingerprint:
+        raise FingerprintMismatch(
+            f"{onnx_dir} was exported from a base with embedding fingerprint {str(recorded)[:23]}…, this extension's "
+            f"base has {ext.base_fingerprint[:23]}…; validate with the extension it was exported from (--ext DIR)"
+        )
+    want = (ext.V, 0 if mode == "base" else ext.K, ext.H)
+    if (m["V"], m["K"], m["H"]) != want:
+        raise EmbdeployError(
+            f"{onnx_dir} holds V={m['V']}, K={m['K']}, H={m['H']} but the extension has V={want[0]}, K={ext.K}, "
+            f"H={want[2]}; validate with the extension it was exported from (--ext DIR)"
+        )
+    if mode != "base" and m.get("extension_fingerprint") != ext.extension_fingerprint():
+        report.extension_fingerprint_matches = False
+        report.notes.append(
+            "the extension's rows differ from the ones recorded at export (trained further since?); "
+            "the numbers below compare the ONNX model with the extension given now"
+        )
+    task = m.get("task") or infer_task(ext.model, ext.base_info.task or None)
+    pooling = check_pooling(m.get("pooling")) if task == "feature-extraction" else None
+    roles = m.get("input_roles") or {n: n for n in m["inputs"]}
+    K = 0 if mode == "base" else ext.K
+    probes, notes = build_probes(ext.tokenizer, ext.V, K, max_positions(ext.model.config))
+    report.notes.extend(notes)
+    report.new_ids_checked = K
+    reference = _Reference(ext, task, pooling, set(roles.values()))
+    base_V = ext.V if mode == "base" else None
+
+    model_path = onnx_dir / m.get("model_file", "model.onnx")
+    sess = _session(model_path, provider)
+    outputs = [o.name for o in sess.get_outputs()]
+    if outputs != list(m["outputs"]):
+        report.problems.append(f"the graph's outputs {outputs} differ from the manifest's {m['outputs']}")
+    fed = {i.name for i in sess.get_inputs()} - {"embdeploy_ext_embed", "embdeploy_ext_head"}
+    if fed != set(roles):
+        report.problems.append(f"the graph's inputs {sorted(fed)} differ from the manifest's {sorted(roles)}")
+    else:
+        _run_probes(sess, roles, reference, probes, report.tolerance, report, base_V=base_V)
+    del sess
+
+    if mode == "swap" and not report.problems:
+        _swap_check(model_path, provider, ext, m, roles, reference, probes, report)
+    report.seconds = time.perf_counter() - t0
+    if not report.passed:
+        lines = report.failures()
+        shown = "\n".join(f"  - {ln}" for ln in lines[:12]) + (f"\n  … {len(lines) - 12} more" if len(lines) > 12 else "")
+        hint = "" if report.extension_fingerprint_matches else (
+            "\nThe extension given differs from the one exported; re-export it, or validate with the extension dir "
+            "it was exported from.")
+        err = ValidationFailed(f"validation of {report.onnx_dir} failed ({len(lines)} problem(s)):\n{shown}{hint}")
+        err.report = report
+        raise err
+    return report
+
+
+def _swap_check(model_path, provider, ext, m, roles, reference, probes, report) -> None:
+    import onnxruntime as ort
+
+    from ..onnx.rewrite import swap_session_options
+
+    np_dtype = np.float16 if m.get("dtype") == "float16" else np.float32
+    embed = _replacement(ext.embed_table().float().cpu().numpy(), seed=1).astype(np_dtype)
+    head = None
+    if ext.head_mode == "untied":
+        head = _replacement(ext.head_table().float().cpu().numpy(), seed=2).astype(np_dtype)
+    so = swap_session_options(ort.SessionOptions(), embed, head)
+    sess = _session(model_path, provider, so)
+    new_probes = [p for p in probes if p.name.startswith(("new", "padding", "one token"))]
+    with _extension_rows(ext, embed.astype(np.float32), None if head is None else head.astype(np.float32)):
+        _run_probes(sess, roles, reference, new_probes, report.tolerance, report, label="swapped table: ")
+
+
+def validate_dir(onnx_dir, ext_dir=None, provider: str = "cpu") -> ValidationReport:
+    """For `embdeploy validate`: load the extension (`ext_dir`, else the one recorded at export) and validate."""
+    from ..extend.model import load_extension
+    from .manifest import verify_dir
+
+    m = verify_dir(onnx_dir)
+    ext_dir = ext_dir or m.get("extension_dir")
+    if not ext_dir:
+        raise EmbdeployError(
+            f"{onnx_dir} does not record the extension it was exported from; pass it with --ext EXT_DIR"
+        )
+    if not Path(ext_dir).is_dir():
+        raise EmbdeployError(
+            f"the extension directory {ext_dir} (recorded at export) does not exist any more; pass it with --ext EXT_DIR"
+        )
+    return validate(onnx_dir, load_extension(ext_dir), provider=provider, _manifest=m)

@@ -1,0 +1,183 @@
+"""`embdeploy quickstart`: the whole pipeline on the built-in MiniLM, with a summary a newcomer can read.
+
+extend (50 clinical terms) → eval → train (distill) → eval → export merged/split/swap
+(validated) → bench → summary. Everything lands in one working directory; a
+re-run reuses what is already there (extension, trained extension, base export
+cache, exports) and only redoes what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EmbdeployError
+
+MODES = ("merged", "split", "swap")
+
+
+def data_file(name: str) -> Path:
+    return Path(str(resources.files("embdeploy") / "data" / name))
+
+
+@dataclass
+class QuickstartResult:
+    workdir: Path
+    tokens_added: int = 0
+    quality_before: dict = field(default_factory=dict)
+    quality_after: dict = field(default_factory=dict)
+    exports: dict = field(default_factory=dict)  # mode -> {"dir", "max_abs_diff", "bytes"}
+    bench: dict = field(default_factory=dict)  # mode -> {shape: ratio}
+    plot: Path | None = None
+    seconds: dict = field(default_factory=dict)
+
+
+def _stage(console: Console, n: int, total: int, what: str):
+    console.rule(f"[bold cyan]{n}/{total}[/] {what}", align="left")
+
+
+def _dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=None, train_texts=None,
+                   eval_texts=None, steps: int | None = None, bench_rounds: int = 12, fresh: bool = False,
+                   console: Console | None = None) -> QuickstartResult:
+    from .export import export_extension, read_manifest
+    from .extend.config import ExtensionConfig, read_token_file
+    from .extend.model import Extension, load_extension
+    from .models import load_base
+    from .train import evaluate, read_texts, train
+
+    console = console or Console()
+    wd = Path(workdir)
+    if fresh and wd.exists():
+        import shutil
+
+        shutil.rmtree(wd)
+    wd.mkdir(parents=True, exist_ok=True)
+    res = QuickstartResult(workdir=wd)
+    terms = Path(terms) if terms else data_file("terms.txt")
+    train_texts = Path(train_texts) if train_texts else data_file("train.txt")
+    eval_texts = Path(eval_texts) if eval_texts else data_file("heldout.txt")
+    total = 6
+    t_all = time.perf_counter()
+
+    # 1. extend ------------------------------------------------------------------------------
+    _stage(console, 1, total, f"extend {model} with the terms in {terms.name}")
+    ext_dir, trained_dir = wd / "extension", wd / "extension-trained"
+    t = time.perf_counter()
+    tokens = read_token_file(terms)
+    if (ext_dir / "extension.json").is_file():
+        ext = load_extension(ext_dir)
+        console.print(f"reusing {ext_dir} ({ext.K} tokens)")
+    else:
+        m, tok, info = load_base(model)
+        ext = Extension(m, tok, info)
+        rep = ext.add(ExtensionConfig(tokens=tokens, name="clinical"))
+        ext.save(ext_dir)
+        console.print(f"added {len(rep.added)} tokens (ids {rep.added[0][1]}..{rep.added[-1][1]}), "
+                      f"skipped {len(rep.skipped)}; wrote {ext_dir}")
+    res.tokens_added = ext.K
+    res.seconds["extend"] = time.perf_counter() - t
+
+    # 2. train (quality before and after) ------------------------------------------------------
+    _stage(console, 2, total, "train the new rows (token distillation; the base stays frozen)")
+    t = time.perf_counter()
+    held = read_texts(eval_texts)
+    res.quality_before = evaluate(ext, held).to_json()
+    if (trained_dir / "extension.json").is_file():
+        ext = load_extension(trained_dir)
+        console.print(f"reusing {trained_dir}")
+    else:
+        kwargs = {} if steps is None else {"steps": steps}
+        train(ext, read_texts(train_texts), **kwargs)
+        ext.save(trained_dir)
+        console.print(f"wrote {trained_dir}")
+    res.quality_after = evaluate(ext, held).to_json()
+    res.seconds["train"] = time.perf_counter() - t
+
+    # 3-4. export in every mode, each validated ------------------------------------------------
+    _stage(console, 3, total, "export to ONNX in three modes (base exported once, then a graph rewrite)")
+    t = time.perf_counter()
+    cache = wd / "cache"
+    for mode in MODES:
+        out = wd / f"onnx-{mode}"
+        if (out / "embdeploy.json").is_file():
+            man = read_manifest(out)
+            if man.get("extension_fingerprint") == ext.extension_fingerprint() and (man.get("validation") or {}).get("passed"):
+                console.print(f"reusing {out}")
+                res.exports[mode] = {"dir": out, "max_abs_diff": man["validation"].get("max_abs_diff"), "bytes": _dir_size(out)}
+                continue
+        r = export_extension(trained_dir, mode, out, cache_dir=cache, overwrite=True,
+                             progress=lambda msg: console.print(f"[dim]  {msg}[/]"))
+        res.exports[mode] = {"dir": out, "max_abs_diff": r.report.max_abs_diff, "bytes": _dir_size(out),
+                             "rewrite_s": r.timings.get("rewrite")}
+        console.print(f"{mode}: validated, max abs diff {r.report.max_abs_diff:.2e}")
+    res.seconds["export"] = time.perf_counter() - t
+
+    _stage(console, 4, total, "validation (ONNX Runtime vs PyTorch) passed for every mode")
+    for mode, e in res.exports.items():
+        console.print(f"{mode}: max abs diff {e['max_abs_diff']:.2e}")
+
+    # 5. bench ------------------------------------------------------------------------------
+    _stage(console, 5, total, "benchmark: base vs extended, interleaved, 1 thread")
+    t = time.perf_counter()
+    from .bench import run_bench, write_markdown, write_plot
+
+    result = run_bench([res.exports[m]["dir"] for m in MODES], rounds=bench_rounds, memory_cost=True,
+                       progress=lambda msg: console.print(f"[dim]  {msg}[/]"))
+    (wd / "bench.json").write_text(result.to_json())
+    write_markdown(result, wd / "bench.md")
+    res.plot = write_plot(result, wd / "bench.png")
+    for row in result.latency:
+        if row.mix == "base-ids" and row.variant != "base":
+            res.bench.setdefault(row.mode, {})[row.shape] = row.ratio_to_base
+    res.seconds["bench"] = time.perf_counter() - t
+    res.seconds["total"] = time.perf_counter() - t_all
+
+    # 6. summary ----------------------------------------------------------------------------
+    _stage(console, 6, total, "summary")
+    console.print(summary_table(res))
+    return res
+
+
+def summary_table(res: QuickstartResult) -> Table:
+    t = Table(title="embdeploy quickstart", title_justify="left", show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("result")
+    t.add_row("tokens added", str(res.tokens_added))
+    b, a = res.quality_before, res.quality_after
+    if b and a:
+        t.add_row("held-out sentence cosine (mean / min)",
+                  f"before training {b['sentence_cosine_mean']:.3f} / {b['sentence_cosine_min']:.3f}  →  "
+                  f"after {a['sentence_cosine_mean']:.3f} / {a['sentence_cosine_min']:.3f}")
+        t.add_row("retrieval accuracy", f"{b['retrieval_accuracy']:.2f} → {a['retrieval_accuracy']:.2f}")
+    for mode, e in res.exports.items():
+        ratios = res.bench.get(mode, {})
+        rtxt = ", ".join(f"{s} {r:.3f}" for s, r in ratios.items())
+        t.add_row(f"{mode}", f"max abs diff {e['max_abs_diff']:.1e}; latency ratio to base {rtxt}; "
+                             f"{e['dir']} ({_fmt_bytes(e['bytes'])})")
+    if res.plot:
+        t.add_row("plot", str(res.plot))
+    t.add_row("report", str(res.workdir / "bench.md"))
+    t.add_row("time", ", ".join(f"{k} {v:.0f}s" for k, v in res.seconds.items()))
+    return t
+
+
+def result_json(res: QuickstartResult) -> dict:
+    return json.loads(json.dumps(res.__dict__, default=str))

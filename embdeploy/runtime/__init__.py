@@ -1,0 +1,9 @@
+"""The runtime a production service imports: `Session` over an export directory, and `serve` over HTTP.
+
+    from embdeploy.runtime import Session
+    from embdeploy.runtime.serve import create_app, serve   # needs `embdeploy[serve]`
+"""
+
+from .session import PROVIDER_ALIASES, Session, check_ids, open_session, resolve_providers
+
+__all__ = ["PROVIDER_ALIASES", "Session", "check_ids", "open_session", "resolve_providers"]

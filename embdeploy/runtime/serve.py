@@ -1,0 +1,273 @@
+"""`embdeploy serve ONNX_DIR`: a Session behind HTTP (Starlette app, served by uvicorn).
+
+    GET  /healthz        {"status": "ok", ...}
+    GET  /v1/metadata    mode, V, K, H, outputs, tokens, fingerprints (Session.metadata)
+    POST /v1/encode      {"texts": [...], "output": optional name, "max_length": optional int}
+                         -> {"output", "shape", "data", "attention_mask", "K", "extension_fingerprint"}
+    POST /v1/embeddings  OpenAI-style: {"input": str | [str], "model": optional, "encoding_format": "float"}
+                         -> {"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "usage"}
+
+Every request is checked before it reaches the model; a bad one gets a 4xx
+with {"error": {"message", "type"}} saying what to change: invalid JSON 400,
+wrong types, empty text, unknown fields 422, too many texts, too long a text,
+too large a body or response 413. The model runs in a worker thread, one
+request per `Session.encode` call, so a response is exactly what
+`session.encode(texts)` returns for the same texts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+
+from ..errors import EmbdeployError
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 64
+MAX_CHARS = 20_000  # per text; tokens past the model's max_length are truncated anyway
+MAX_VALUES = 8_000_000  # numbers in one response (~150 MB of JSON)
+_JSON_BYTES_PER_CHAR = 12  # a non-BMP character written as two \uXXXX escapes
+ENCODE_FIELDS = ("texts", "output", "max_length")
+EMBEDDINGS_FIELDS = ("input", "model", "encoding_format")
+
+
+class RequestError(Exception):
+    """A client error: HTTP status and a message that says what to send instead."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _starlette():
+    try:
+        import starlette  # noqa: F401
+    except ImportError:
+        raise EmbdeployError(
+            "`embdeploy serve` needs starlette and uvicorn; install them with `pip install 'embdeploy[serve]'`"
+        ) from None
+
+
+def create_app(
+    session: Session,
+    max_batch: int = MAX_BATCH,
+    max_chars: int = MAX_CHARS,
+    batch_size: int = 32,
+    max_values: int = MAX_VALUES,
+):
+    """A Starlette (ASGI) app serving `session`; see the module docstring for the routes and limits."""
+    _starlette()
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    for name, value in (("max_batch", max_batch), ("max_chars", max_chars), ("batch_size", batch_size),
+                        ("max_values", max_values)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EmbdeployError(f"{name} must be a positive integer, got {value!r}")
+    max_body = max_batch * max_chars * _JSON_BYTES_PER_CHAR + (64 << 10)
+
+    def reply(payload, status: int = 200) -> Response:
+        try:
+            body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        except ValueError:
+            payload = {"error": {"message": "the model returned NaN or Inf for this input", "type": "server_error"}}
+            status, body = 500, json.dumps(payload)
+        return Response(body, status_code=status, media_type="application/json")
+
+    def error(status: int, message: str, kind: str) -> Response:
+        return reply({"error": {"message": message, "type": kind}}, status)
+
+    async def read_json(request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            raise RequestError(413, f"the request body has {declared} bytes, the limit is {max_body}; send fewer or shorter texts")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                raise RequestError(413, f"the request body is over the limit of {max_body} bytes; send fewer or shorter texts")
+        if not body:
+            raise RequestError(400, 'the request has no body; send JSON like {"texts": ["some text"]}')
+        try:
+            data = json.loads(body)
+        except UnicodeDecodeError:
+            raise RequestError(400, "the request body is not UTF-8 text; send UTF-8 encoded JSON") from None
+        except json.JSONDecodeError as e:
+            raise RequestError(400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        if not isinstance(data, dict):
+            raise RequestError(422, f'the request body must be a JSON object like {{"texts": ["some text"]}}, got a JSON {_json_type(data)}')
+        return data
+
+    def check_fields(data: dict, allowed: tuple[str, ...]) -> None:
+        unknown = [k for k in data if k not in allowed]
+        if unknown:
+            raise RequestError(422, f"unknown field(s) {', '.join(map(repr, unknown))}; allowed fields: {', '.join(allowed)}")
+
+    def check_texts(texts, field: str) -> list[str]:
+        if not isinstance(texts, list):
+            raise RequestError(422, f"{field} must be a list of strings, got a JSON {_json_type(texts)}")
+        if not texts:
+            raise RequestError(422, f"{field} is an empty list; send at least one text")
+        if len(texts) > max_batch:
+            raise RequestError(413, f"{field} has {len(texts)} texts, the limit is {max_batch} per request; split the batch")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise RequestError(422, f"{field}[{i}] must be a string, got a JSON {_json_type(t)}")
+            if not t.strip():
+                raise RequestError(422, f"{field}[{i}] is empty; every text needs at least one non-space character")
+            if len(t) > max_chars:
+                raise RequestError(413, f"{field}[{i}] has {len(t)} characters, the limit is {max_chars}; shorten or split it")
+        return texts
+
+    async def encode_with(texts: list[str], output: str, max_length):
+        pinned = session.snapshot()  # the numbers and the fingerprint reported with them come from one table
+        try:
+            result = await run_in_threadpool(
+                pinned.encode, texts, batch_size=batch_size, max_length=max_length, outputs=[output]
+            )
+        except EmbdeployError as e:
+            raise RequestError(422, str(e)) from None
+        values = result[output]
+        if values.size > max_values:
+            raise RequestError(
+                413, f"the response would hold {values.size} numbers ({output} {list(values.shape)}), the limit is "
+                f"{max_values}; send fewer or shorter texts, or pass max_length"
+            )
+        return result, values, pinned
+
+    async def healthz(request):
+        return reply({"status": "ok", "mode": session.mode, "K": session.K})
+
+    async def metadata(request):
+        return reply(session.metadata())
+
+    async def encode(request):
+        data = await read_json(request)
+        check_fields(data, ENCODE_FIELDS)
+        if "texts" not in data:
+            raise RequestError(422, 'the field "texts" is missing; send {"texts": ["some text", ...]}')
+        texts = check_texts(data["texts"], "texts")
+        outputs = list(session.outputs)
+        output = data.get("output")
+        if output is None:
+            output = "sentence_embedding" if "sentence_embedding" in outputs else outputs[0]
+        elif not isinstance(output, str) or output not in outputs:
+            raise RequestError(422, f"output must be one of {', '.join(map(repr, outputs))}, got {json.dumps(output)}")
+        max_length = data.get("max_length")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise RequestError(422, f"max_length must be a positive integer, got {json.dumps(max_length)}")
+        result, values, pinned = await encode_with(texts, output, max_length)
+        return reply({
+            "output": output,
+            "shape": list(values.shape),
+            "data": values.tolist(),
+            "attention_mask": result["attention_mask"].tolist(),
+            "K": pinned.K,
+            "extension_fingerprint": pinned.metadata()["extension_fingerprint"],
+        })
+
+    async def embeddings(request):
+        data = await read_json(request)
+        check_fields(data, EMBEDDINGS_FIELDS)
+        if "sentence_embedding" not in session.outputs:
+            raise RequestError(
+                400, f"this model exports no sentence_embedding (its outputs: {', '.join(session.outputs)}); "
+                "use POST /v1/encode with an output name"
+            )
+        if "input" not in data:
+            raise RequestError(422, 'the field "input" is missing; send {"input": ["some text", ...]}')
+        raw = data["input"]
+        texts = check_texts([raw] if isinstance(raw, str) else raw, "input")
+        fmt = data.get("encoding_format", "float")
+        if fmt != "float":
+            raise RequestError(422, f'encoding_format must be "float", got {json.dumps(fmt)}')
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            raise RequestError(422, f"model must be a string, got a JSON {_json_type(model)}")
+        result, values, _ = await encode_with(texts, "sentence_embedding", None)
+        tokens = int(result["attention_mask"].sum())
+        return reply({
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(values.tolist())],
+            "model": model or session.path.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
+
+    async def on_request_error(request, exc: RequestError):
+        return error(exc.status, exc.message, exc.kind)
+
+    async def on_http_error(request, exc: HTTPException):
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}; routes: GET /healthz, GET /v1/metadata, POST /v1/encode, POST /v1/embeddings"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error(exc.status_code, message, "invalid_request_error")
+
+    async def on_crash(request, exc: Exception):
+        log.exception("request to %s failed", request.url.path)
+        return error(500, f"internal error ({type(exc).__name__}); the server keeps running, see its log", "server_error")
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/v1/metadata", metadata, methods=["GET"]),
+            Route("/v1/encode", encode, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+        ],
+        exception_handlers={RequestError: on_request_error, HTTPException: on_http_error, Exception: on_crash},
+    )
+    app.state.session = session
+    return app
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def serve(
+    onnx_dir,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    providers=None,
+    threads: int | None = None,
+    extension=None,
+    max_batch: int = MAX_BATCH,
+    max_chars: int = MAX_CHARS,
+    log_level: str = "info",
+    access_log: bool = False,
+) -> None:
+    """Open a Session on `onnx_dir` and serve it with uvicorn until interrupted (Ctrl-C / SIGTERM)."""
+    _starlette()
+    try:
+        import uvicorn
+    except ImportError:
+        raise EmbdeployError(
+            "`embdeploy serve` needs uvicorn; install it with `pip install 'embdeploy[serve]'`"
+        ) from None
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise EmbdeployError(f"port must be an integer in 0..65535, got {port!r}")
+    session = Session(onnx_dir, providers=providers, threads=threads, extension=extension)
+    app = create_app(session, max_batch=max_batch, max_chars=max_chars)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
+
+
+__all__ = ["create_app", "serve", "RequestError", "MAX_BATCH", "MAX_CHARS", "MAX_VALUES"]

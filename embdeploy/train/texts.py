@@ -1,0 +1,194 @@
+"""Training text: reading corpora and finding contexts for each new token.
+
+A context is a text in which the *extended* tokenizer produces the token's new
+id: that is the ground truth for "this text teaches this row". A word-boundary
+regular expression only pre-filters (case-insensitive where the tokenizer folds
+case). Tokens without any context get synthetic ones and are reported, never
+silently skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import EmbdeployError
+
+MAX_FILE_BYTES = 2 * 1024**3
+WINDOW_CHARS = 400  # long texts are cut to a window around the new token (chars each side)
+
+# Synthetic contexts for a token no text contains: the bare word and short neutral frames.
+SYNTHETIC = (
+    "{t}",
+    "{t}.",
+    "This is about {t}.",
+    "The word {t} appears in this sentence.",
+    "What is {t}?",
+    "We talked about {t} today.",
+    "{t} is mentioned in the report.",
+    "Here is a note on {t} and related topics.",
+)
+
+
+def read_texts(path) -> list[str]:
+    """Texts from a plain-text file (one per line) or JSON lines (`{"text": ...}` per line).
+
+    The format is detected from the first non-empty line: a line starting with `{`
+    that parses as a JSON object means JSON lines. Blank lines are dropped.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise EmbdeployError(f"text file {p} does not exist; pass a text file (one text per line) or JSON lines")
+    if p.is_dir():
+        raise EmbdeployError(f"text file {p} is a directory; pass a text file (one text per line) or JSON lines")
+    size = p.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise EmbdeployError(f"text file {p} is {size / 2**30:.1f} GiB; split it or sample it below 2 GiB")
+    raw = p.read_bytes()
+    if b"\x00" in raw[: 1 << 20]:
+        raise EmbdeployError(f"text file {p} is binary (contains NUL bytes); pass UTF-8 text, one text per line")
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise EmbdeployError(f"text file {p} is not UTF-8 (bad byte at offset {e.start}); save it as UTF-8") from None
+    lines = content.splitlines()
+    first = next((ln.strip() for ln in lines if ln.strip()), None)
+    if first is None:
+        raise EmbdeployError(f"text file {p} is empty; write one text per line (or JSON lines with a \"text\" field)")
+    if first.startswith("{") and _is_json_object(first):
+        texts = _read_jsonl(p, lines)
+    else:
+        texts = [ln.strip() for ln in lines if ln.strip()]
+    if not texts:
+        raise EmbdeployError(f"text file {p} has no texts")
+    return texts
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_jsonl(p: Path, lines: list[str]) -> list[str]:
+    texts, problems = [], []
+    for n, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            obj = json.loads(ln)
+        except json.JSONDecodeError as e:
+            problems.append(f"line {n}: not valid JSON ({e.msg})")
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            problems.append(f'line {n}: expected an object with a string field "text"')
+            continue
+        if obj["text"].strip():
+            texts.append(obj["text"].strip())
+        if len(problems) >= 10:
+            break
+    if problems:
+        lines_ = "\n".join(f"  - {q}" for q in problems)
+        raise EmbdeployError(f"text file {p} looks like JSON lines but has problems:\n{lines_}")
+    return texts
+
+
+def texts_digest(texts: list[str]) -> str:
+    """sha256 of the texts joined by newlines (the same for a file and the list read from it)."""
+    h = hashlib.sha256()
+    for i, t in enumerate(texts):
+        if i:
+            h.update(b"\n")
+        h.update(t.encode("utf-8"))
+    return "sha256:" + h.hexdigest()
+
+
+def folds_case(tokenizer) -> bool:
+    """True where the tokenizer maps upper and lower case to the same ids."""
+    enc = tokenizer(["Patient Data", "patient data"], add_special_tokens=False)["input_ids"]
+    return enc[0] == enc[1]
+
+
+def _window(text: str, start: int, end: int, chars: int = WINDOW_CHARS) -> str:
+    if len(text) <= 2 * chars + (end - start):
+        return text
+    lo, hi = max(0, start - chars), min(len(text), end + chars)
+    # cut at whitespace so no word is split in half
+    if lo > 0:
+        sp = text.find(" ", lo, start)
+        lo = sp + 1 if sp >= 0 else lo
+    if hi < len(text):
+        sp = text.rfind(" ", end, hi)
+        hi = sp if sp >= 0 else hi
+    return text[lo:hi]
+
+
+@dataclass
+class Contexts:
+    """Contexts per new token, in the extension's token order."""
+
+    texts: list[str]  # unique context texts
+    by_token: dict[str, list[int]]  # token -> indices into texts
+    without_context: list[str] = field(default_factory=list)  # tokens that got synthetic contexts
+
+    def summary(self) -> dict:
+        return {
+            "contexts": len(self.texts),
+            "tokens_without_context": list(self.without_context),
+        }
+
+
+def harvest_contexts(ext, texts: list[str], max_per_token: int = 64, seed: int = 0, synthetic: bool = True) -> Contexts:
+    """Texts that contain each new token (as the extended tokenizer sees it), at most `max_per_token` each.
+
+    Where a token has more contexts than the cap, a seeded sample is kept. A token
+    with none gets SYNTHETIC contexts (if `synthetic`) and is listed in `without_context`.
+    """
+    import random
+
+    ignore_case = folds_case(ext.base_tokenizer)
+    ids = ext.token_ids
+    rng = random.Random(seed)
+    out: list[str] = []
+    index: dict[str, int] = {}
+    by_token: dict[str, list[int]] = {}
+    missing: list[str] = []
+
+    def add(text: str) -> int:
+        if text not in index:
+            index[text] = len(out)
+            out.append(text)
+        return index[text]
+
+    # One pass over the corpus with an alternation of all tokens (longest first).
+    key = (lambda s: s.lower()) if ignore_case else (lambda s: s)
+    lookup = {key(t): t for t in ext.tokens}
+    alternation = "|".join(re.escape(t) for t in sorted(ext.tokens, key=len, reverse=True))
+    pat = re.compile(r"(?<!\w)(?:" + alternation + r")(?!\w)", re.IGNORECASE if ignore_case else 0)
+    candidates: dict[str, list[str]] = {t: [] for t in ext.tokens}
+    for text in texts:
+        seen = set()
+        for m in pat.finditer(text):
+            tok = lookup.get(key(m.group(0)))
+            if tok is not None and tok not in seen:
+                seen.add(tok)
+                candidates[tok].append(_window(text, m.start(), m.end()))
+
+    for tok in ext.tokens:
+        found = list(dict.fromkeys(candidates[tok]))
+        # The extended tokenizer decides: a pre-filter hit it does not turn into the new id is no context.
+        if found:
+            enc = ext.tokenizer(found, add_special_tokens=False)["input_ids"]
+            found = [f for f, e in zip(found, enc) if ids[tok] in e]
+        if len(found) > max_per_token:
+            found = rng.sample(found, max_per_token)
+        if not found:
+            missing.append(tok)
+            if synthetic:
+                found = [s.format(t=tok) for s in SYNTHETIC]
+        by_token[tok] = [add(f) for f in found]
+    return Contexts(out, by_token, missing)
