@@ -237,6 +237,26 @@ def validate(
         out.print(f"[green]passed[/]: {onnx_dir}, max abs diff {report.max_abs_diff:.2e}")
 
 
+# ------------------------------------------------------------------------------------------ serve
+@app.command()
+@_command
+def serve(
+    onnx_dir: Path = typer.Argument(..., help="ONNX directory written by `embdeploy export`."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(8000, help="Port to bind."),
+    providers: Optional[str] = typer.Option(None, help="e.g. cpu or cuda,cpu [default: CUDA if available, else CPU]."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads [default: ORT's choice]."),
+    extension: Optional[Path] = typer.Option(None, help="Swap exports: serve with this extension directory's table."),
+    max_batch: int = typer.Option(64, help="Most texts in one request (more gets 413)."),
+    max_chars: int = typer.Option(20000, help="Longest text in characters (longer gets 413)."),
+):
+    """Serve an export over HTTP: POST /v1/encode, POST /v1/embeddings, GET /healthz, GET /v1/metadata (needs embdeploy[serve])."""
+    from .runtime.serve import serve as run_server
+
+    run_server(onnx_dir, host=host, port=port, providers=providers, threads=threads,
+               extension=extension, max_batch=max_batch, max_chars=max_chars)
+
+
 def main():  # pragma: no cover
     app()
 

@@ -102,7 +102,7 @@ def exports(tmp_path_factory):
 def result(exports):
     """One short run with everything on: both providers asked for, memory, and 2 sessions."""
     return run_bench([exports["copy"], exports["merged"], exports["split"], exports["swap"]],
-                     base_dir=exports["base"], shapes=SHAPES, providers=("cpu", "cuda"), rounds=3, warmup=1,
+                     base_dir=exports["base"], shapes=SHAPES, providers=("cpu", "cuda"), rounds=9, warmup=1,
                      sessions=2)
 
 
@@ -135,7 +135,7 @@ def test_base_ratio_is_one_and_identical_copy_is_close(result):
 def test_settings_record_threads_and_method(result):
     s = result.settings
     assert s["threads"] == 1 and s["inter_op_threads"] == 1 and s["execution_mode"] == "sequential"
-    assert s["rounds"] == 3 and s["shapes"] == ["1x4", "2x8"]
+    assert s["rounds"] == 9 and s["shapes"] == ["1x4", "2x8"]
     assert set(s["inner"]) == {"cpu/1x4", "cpu/2x8"}
     assert result.machine["onnxruntime"]
 

@@ -316,8 +316,9 @@ def test_base_onnx_of_another_model_is_refused(exported, make_extension, tmp_pat
 
 def test_bad_arguments_are_refused_before_any_work(exported, tmp_path):
     ext, _ = exported["bert"]
-    with pytest.raises(EmbdeployError, match="unknown mode 'fused'; choose one of merged, split, swap; unknown dtype 'int8'"):
-        export_extension(ext, "fused", tmp_path / "x", dtype="int8")
+    with pytest.raises(EmbdeployError, match="unknown mode 'fused'; choose one of merged, split, swap; unknown dtype 'int8'"
+                       ".*; unknown provider 'tpu'; choose one of cpu, cuda"):
+        export_extension(ext, "fused", tmp_path / "x", dtype="int8", provider="tpu")
     with pytest.raises(EmbdeployError, match="unknown backend 'tf'"):
         export_base(ext, backend="tf", cache_dir=tmp_path)
 

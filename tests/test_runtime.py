@@ -294,7 +294,7 @@ def test_swap_refusals(exports, swap, tmp_path):
     assert session.K == 3 and session.encode("troponin")["sentence_embedding"].shape == (1, 32), "still serving A"
 
     merged = Session(exports.merged, providers="cpu")
-    with pytest.raises(EmbdeployError, match="is a 'merged' export: its extension rows are built into the graph"):
+    with pytest.raises(EmbdeployError, match="is a 'merged' export: it has its extension rows built into the graph"):
         merged.swap_extension(exports.dir_b)
     with pytest.raises(EmbdeployError, match="Export with `--mode swap`"):
         Session(exports.merged, providers="cpu", extension=exports.dir_b)

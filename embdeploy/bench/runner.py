@@ -71,7 +71,9 @@ def run_bench(
     extension tables in one process, against N merged sessions.
     """
     say = progress or (lambda msg: None)
-    shapes = tuple(parse_shapes(shapes) if isinstance(shapes, str) else tuple(tuple(s) for s in shapes))
+    shapes = parse_shapes(shapes) if isinstance(shapes, str) else tuple(tuple(s) for s in shapes)
+    if not shapes or any(len(s) != 2 or not all(isinstance(n, int) and n >= 1 for n in s) for s in shapes):
+        raise EmbdeployError(f"shapes {shapes!r}: give (batch, seq) pairs of positive integers, e.g. ((1, 16), (8, 128))")
     if isinstance(providers, str):
         providers = [p.strip() for p in providers.split(",") if p.strip()]
     providers = [p.lower() for p in providers]
@@ -122,7 +124,12 @@ def run_bench(
         if memory_cost:
             for label, a in arts:
                 say(f"{provider}: session cost of {label} (fresh process)")
-                result.sessions.append(memory.session_cost(a, label, provider, threads))
+                try:
+                    result.sessions.append(memory.session_cost(a, label, provider, threads))
+                except EmbdeployError as e:
+                    if provider != "cuda":
+                        raise
+                    result.skipped.append(Skipped(f"cuda session cost of {label}", str(e)))
 
     if sessions > 0:
         _multi(result, arts, sessions, threads, say)
@@ -169,7 +176,7 @@ def _time_provider(arts, provider, shapes, threads, rounds, warmup, say):
             base_entry = entries[shape][("base", BASE_MIX)]
             if shape_name(shape) not in inner:
                 inner[shape_name(shape)] = calibrate_inner(base_entry.run, MIN_SLOT_S)
-            run_rounds(group, base_entry.key, block_rounds, warmup, inner[shape_name(shape)],
+            run_rounds(group, block_rounds, warmup, inner[shape_name(shape)],
                        seed=block * 7919 + batch * 1009 + seq)
         del live, keep
     modes = {label: a.mode for label, a in arts}

@@ -24,7 +24,7 @@ class Entry:
     run: Callable[[], object]
     batch: int
     calls: list[float] = field(default_factory=list)  # seconds, one per call
-    slots: list[float] = field(default_factory=list)  # seconds, one per round (sum of its calls)
+    slots: list[float] = field(default_factory=list)  # seconds, one per round (median of its calls)
 
 
 def calibrate_inner(run: Callable[[], object], min_slot_s: float, max_inner: int = 256) -> int:
@@ -38,8 +38,7 @@ def calibrate_inner(run: Callable[[], object], min_slot_s: float, max_inner: int
     return int(min(max_inner, max(1, math.ceil(min_slot_s / per_call))))
 
 
-def run_rounds(entries: list[Entry], base_key: tuple, rounds: int, warmup: int, inner: int, seed: int,
-               tick: Callable[[], None] | None = None) -> None:
+def run_rounds(entries: list[Entry], rounds: int, warmup: int, inner: int, seed: int) -> None:
     """Fill `calls` and `slots` of every entry. `warmup` untimed calls per entry first, in shuffled order too."""
     rng = random.Random(seed)
     order = list(range(len(entries)))
@@ -52,17 +51,13 @@ def run_rounds(entries: list[Entry], base_key: tuple, rounds: int, warmup: int, 
         rng.shuffle(order)
         for i in order:
             e = entries[i]
-            slot = 0.0
+            start = len(e.calls)
             for _ in range(inner):
                 t0 = perf()
                 e.run()
-                dt = perf() - t0
-                e.calls.append(dt)
-                slot += dt
-            e.slots.append(slot)
-        if tick is not None:
-            tick()
-    assert any(e.key == base_key for e in entries)
+                e.calls.append(perf() - t0)
+            # The median, not the sum: a call that lost the CPU to another process does not decide the round.
+            e.slots.append(float(np.median(e.calls[start:])))
 
 
 def summarize(entry: Entry, base: Entry) -> dict:

@@ -3,9 +3,9 @@
     base_dir = export_base(ext)        # ~/.cache/embdeploy/base/<fp[:16]>-<task>-<dtype>/
     export_base(ext)                   # again: found in the cache, nothing exported
 
-The exported module is the plain base (a deep copy of the extended model with
-the extension modules taken out), wrapped so its outputs follow the task (see
-`wrapper`). Every extension of that base is then a graph rewrite of this one
+The exported module is the plain base (the extended model with its original
+embedding and head modules put back for the duration, see `plain_model`),
+wrapped so its outputs follow the task (see `wrapper`). Every extension of that base is then a graph rewrite of this one
 file. A cache entry is reused only when its recorded source (weights digest,
 config, task, pooling, dtype, backend) matches and every file still has its
 recorded sha256; otherwise it is rebuilt.
@@ -17,7 +17,6 @@ base exports live in `<root>/base/`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import io
 import json

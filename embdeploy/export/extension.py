@@ -21,6 +21,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import EmbdeployError, FingerprintMismatch
 from ..fsutil import atomic_output_dir, check_output_dir
@@ -28,6 +29,9 @@ from .manifest import (
     CREATED_BY, FORMAT_VERSION, KIND, MANIFEST, digests, dtype_name, publishable, read_manifest, short_dtype,
     verify_dir, write_manifest,
 )
+
+if TYPE_CHECKING:
+    from .validate import ValidationReport
 
 EXPORT_MODES = ("merged", "split", "swap")
 EXTENSION_DATA = "extension.onnx.data"
@@ -41,7 +45,7 @@ class ExportResult:
     base_onnx: Path  # the base export (directory or file) that was rewritten
     base_cached: bool  # True when the base came from the cache or --base-onnx (no torch export ran)
     manifest: dict
-    report: object | None  # ValidationReport, None with validate=False
+    report: ValidationReport | None  # None with validate=False
     timings: dict[str, float] = field(default_factory=dict)  # seconds: base, rewrite, write, validate, total
 
 
@@ -70,6 +74,7 @@ def export_extension(
     from ..onnx.io import load_model, save_model
     from . import base as base_export
     from .graph import input_roles, to_float16
+    from .validate import PROVIDERS
     from .validate import validate as run_validation
 
     say = progress or (lambda msg: None)
@@ -81,6 +86,8 @@ def export_extension(
         dtype = short_dtype(dtype)
     except EmbdeployError as e:
         problems.append(str(e))
+    if provider not in PROVIDERS:
+        problems.append(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     if problems:
         raise EmbdeployError("; ".join(problems))
     out = Path(out)

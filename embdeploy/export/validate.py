@@ -251,7 +251,10 @@ def build_probes(tokenizer, V: int, K: int, max_len: int = 512) -> tuple[list[Pr
         notes.append("the base-only probe text contains new tokens; it still runs, but is not base-only")
     probes.append(Probe("base only", *_pad([base_ids], pad_id)))
     long_text = f"{base_text} and then {base_text} again" + (f" {tokens[-1]}" if K else "")
-    pad_rows = [encode(long_text), encode(f"a {tokens[0]}" if K else "a"), encode("hello world")]
+    pad_rows = [encode(long_text), encode(f"a {tokens[0]}" if K else "a"), encode("hello")]
+    for i in range(1, len(pad_rows)):  # three different lengths, whatever the tokenizer made of the texts
+        while len(pad_rows[i]) > 1 and len(pad_rows[i]) in {len(r) for r in pad_rows[:i]}:
+            pad_rows[i] = pad_rows[i][:-1]
     probes.append(Probe("padding", *_pad(pad_rows, pad_id)))
     probes.append(Probe("one token", *_pad([[V + K - 1 if K else (start or [0])[0]]], pad_id)))
     return probes, notes
@@ -328,10 +331,16 @@ class _Reference:
 
         from .wrapper import task_outputs
 
+        model = self.ext.model
         device = self.ext.base_table().device
         kwargs = {k: torch.from_numpy(v).to(device) for k, v in feeds.items() if k in self.inputs}
-        with torch.no_grad():
-            out = task_outputs(self.ext.model, self.task, self.pooling, kwargs, extras=True)
+        training = model.training
+        model.eval()  # dropout off, as in the export; the caller's mode is restored
+        try:
+            with torch.no_grad():
+                out = task_outputs(model, self.task, self.pooling, kwargs, extras=True)
+        finally:
+            model.train(training)
         result = {k: v.detach().float().cpu().numpy() for k, v in out.items()}
         if V is not None and "logits" in result:  # a base export: logits over the base vocabulary only
             result["logits"] = result["logits"][..., :V]

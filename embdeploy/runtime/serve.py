@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
-
 from ..errors import EmbdeployError
 from .session import Session
 

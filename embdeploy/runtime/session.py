@@ -287,6 +287,14 @@ class _Runtime:
             self._check_graph(sess)
         return sess
 
+    def binds_tables(self) -> bool:
+        """Whether fed tables go in as OrtValues on the device (IO binding) rather than numpy arrays.
+
+        On CPU a numpy feed is used in place (measured: a 100000 x 384 table fed with every run costs
+        nothing); on a GPU it would be copied to the device on every run, so it is put there once.
+        """
+        return self.io_binding or self.device_type != "cpu"
+
     def device_value(self, table: np.ndarray):
         return _ort().OrtValue.ortvalue_from_numpy(table, self.device_type, self.device_id)
 
@@ -436,19 +444,22 @@ class Session:
             self._state = state  # one reference: in-flight requests keep the tenant they started with
 
     def _not_swappable(self, ext_dir) -> str:
+        why = ("has no extension table" if self.mode == "base"
+               else "has its extension rows built into the graph")
         return (
-            f"{self.path} is a {self.mode!r} export: its extension rows are built into the graph, so "
-            f"the extension in {ext_dir} cannot be swapped in at run time. Export with `--mode swap` to "
-            "replace extension tables without re-export, or open the export made for that extension"
+            f"{self.path} is a {self.mode!r} export: it {why}, so the extension in {ext_dir} cannot be "
+            "swapped in at run time. Export with `--mode swap` to replace extension tables without re-export, "
+            "or open the export made for that extension"
         )
 
     def _tenant(self, extension) -> _Tenant:
         rt, ex = self._rt, self._rt.export
         meta = ex.meta
-        if extension is None:
-            tokenizer = _load_tokenizer(ex.path, ex.V, tuple(t["token"] for t in meta.get("tokens", [])))
-            return _Tenant(rt.sess, tokenizer, threading.Lock(), meta["K"], tuple(t["token"] for t in meta.get("tokens", [])),
-                           meta.get("extension_fingerprint"), "export", {}, {})
+        if extension is None:  # the rows the export was written with
+            tokens = tuple(t["token"] for t in meta.get("tokens", []))
+            tokenizer = _load_tokenizer(ex.path, ex.V, tokens)
+            return _Tenant(rt.sess, tokenizer, threading.Lock(), meta["K"], tokens, meta.get("extension_fingerprint"),
+                           "export", {}, {})
         if ex.mode != "swap":
             from ..extend.model import read_manifest
 
@@ -472,7 +483,7 @@ class Session:
 
             sess = rt.create_session(swap_session_options(rt.options(), tables.embed, tables.head))
             fed = {}
-        bound = {name: rt.device_value(t) for name, t in fed.items()} if rt.io_binding else {}
+        bound = {name: rt.device_value(t) for name, t in fed.items()} if rt.binds_tables() else {}
         state = _Tenant(sess, tokenizer, threading.Lock(), tables.K, tables.tokens, tables.fingerprint,
                         str(tables.directory), fed, bound)
         if rt.table_binding == "session":
@@ -480,7 +491,12 @@ class Session:
         return state
 
     def _check_table_in_use(self, state: _Tenant, tables: dict) -> None:
-        """ORT ignores a supplied initializer that lives on another device than it planned; catch that."""
+        """Run the new ids with the session's own table and with the table fed explicitly: same numbers.
+
+        ORT drops an initializer given through the session options when it lives
+        on another device than ORT planned for it, logs a warning and uses the
+        file's table instead (session_state_utils.cc); this turns that into an error.
+        """
         ex = self._rt.export
         width = min(state.K, ex.max_positions or state.K, 64)
         ids = (ex.V + np.arange(width, dtype=np.int64) % state.K)[None, :]
@@ -599,6 +615,11 @@ class Session:
     def _tokenize(self, state: _Tenant, texts: list[str], max_length) -> dict[str, np.ndarray]:
         limit = self._length_limit(max_length)
         tok = state.tokenizer
+        if tok is None:
+            raise EmbdeployError(
+                f"{self.path} holds no tokenizer (a base export?), so it cannot encode text; pass token ids to "
+                "run(), or open an export written by `embdeploy export` for an extension"
+            )
         with state.tok_lock:  # transformers sets the backend's truncation on every call
             enc = tok(texts, add_special_tokens=True, truncation=limit is not None, max_length=limit,
                       padding=False, return_attention_mask=False, return_token_type_ids=True)
@@ -663,7 +684,7 @@ class Session:
         rt = self._rt
         feeds = {name: np.ascontiguousarray(by_role[role], dtype=rt.input_types[name])
                  for name, role in rt.export.roles.items()}
-        if not rt.io_binding:
+        if not (rt.io_binding or state.bound):
             values = state.sess.run(names, {**feeds, **state.tables})
             return dict(zip(names, values))
         binding = state.sess.io_binding()  # one per call: bindings are not shared between threads
@@ -674,17 +695,16 @@ class Session:
         for name in names:
             binding.bind_output(name, rt.device_type, rt.device_id)
         state.sess.run_with_iobinding(binding)
-        values = binding.get_outputs()
         if device_outputs:
-            return dict(zip(names, values))
-        return {name: value.numpy() for name, value in zip(names, values)}
+            return dict(zip(names, binding.get_outputs()))
+        return dict(zip(names, binding.copy_outputs_to_cpu()))
 
 
 def _with_tables(state: _Tenant, tables: dict, rt: _Runtime) -> _Tenant:
     """The same tenant with `tables` fed explicitly (for the self-check of table_binding 'session')."""
     from dataclasses import replace
 
-    bound = {name: rt.device_value(t) for name, t in tables.items()} if rt.io_binding else {}
+    bound = {name: rt.device_value(t) for name, t in tables.items()} if rt.binds_tables() else {}
     return replace(state, tables=tables, bound=bound)
 
 
@@ -726,7 +746,12 @@ def _merge(parts, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def _load_tokenizer(directory: Path, V: int, tokens: tuple[str, ...]):
-    """The extended tokenizer in `directory`; its new tokens must have ids V, V+1, ... in order."""
+    """The extended tokenizer in `directory`; its new tokens must have ids V, V+1, ... in order.
+
+    None when the directory holds no tokenizer (base exports): such a session runs ids only.
+    """
+    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
     try:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
