@@ -237,6 +237,55 @@ def validate(
         out.print(f"[green]passed[/]: {onnx_dir}, max abs diff {report.max_abs_diff:.2e}")
 
 
+# ------------------------------------------------------------------------------------------ bench
+@app.command()
+@_command
+def bench(
+    onnx_dirs: list[Path] = typer.Argument(..., help="ONNX export directories to time (their base export is found from embdeploy.json)."),
+    base: Optional[Path] = typer.Option(None, help="Base export directory to compare with [default: the one the exports record]."),
+    shapes: str = typer.Option("1x16,1x128,8x128", help="Grid of BATCHxSEQ shapes, comma-separated."),
+    threads: int = typer.Option(1, help="ONNX Runtime intra-op threads. 1 keeps ratios stable on shared machines (±1% seen here; 2 threads: up to ±10%)."),
+    rounds: int = typer.Option(30, help="Timed rounds; every variant runs once per round, in shuffled order."),
+    warmup: int = typer.Option(3, help="Untimed warm-up rounds."),
+    providers: str = typer.Option("cpu", help="cpu, cuda or cpu,cuda (CUDA is skipped with a message when absent; timed with IO binding)."),
+    sessions: int = typer.Option(0, help="Also create N sessions in one process: N swap sessions with different tables vs N merged."),
+    no_memory: bool = typer.Option(False, "--no-memory", help="Skip per-session creation time and memory (each in its own process)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
+    report_md: Optional[Path] = typer.Option(None, help="Write a markdown report here."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG plot here (latency per shape and mode, ratio to base)."),
+    baseline: Optional[Path] = typer.Option(None, help="Regression gate: compare ratios to base with this baseline JSON."),
+    max_regression: float = typer.Option(0.05, help="Gate margin: fail when a ratio is worse than baseline by more than this fraction."),
+    save_baseline: Optional[Path] = typer.Option(None, help="Write this run's ratios as a baseline JSON."),
+):
+    """Time base vs extended exports interleaved in one run (p50/p90/p99, throughput, ratio to base), session memory; optional regression gate."""
+    from .bench import check_baseline, render_memory_table, render_table, run_bench, write_markdown, write_plot
+    from .bench import save_baseline as write_baseline
+    from .bench import parse_shapes
+
+    result = run_bench(onnx_dirs, base_dir=base, shapes=parse_shapes(shapes), providers=providers, threads=threads,
+                       rounds=rounds, warmup=warmup, sessions=sessions, memory_cost=not no_memory,
+                       progress=lambda m: console.print(f"[dim]{_escape(m)}[/]"))
+    if json_out:
+        out.print_json(result.to_json())
+    else:
+        out.print(render_table(result))
+        mem = render_memory_table(result)
+        if mem is not None:
+            out.print(mem)
+    if report_md:
+        write_markdown(result, report_md)
+        console.print(f"wrote {report_md}")
+    if plot:
+        write_plot(result, plot)
+        console.print(f"wrote {plot}")
+    if save_baseline:
+        write_baseline(result, save_baseline)
+        console.print(f"wrote baseline {save_baseline}")
+    if baseline:
+        comps = check_baseline(result, baseline, max_regression)
+        console.print(f"[green]gate passed[/]: {len(comps)} ratio(s) within {max_regression:.0%} of {baseline}")
+
+
 # ------------------------------------------------------------------------------------------ serve
 @app.command()
 @_command

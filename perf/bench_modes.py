@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     write_plot(result, args.out / f"{name}.png")
     if args.save_baseline:
         save_baseline(result, args.save_baseline)
-    out = Console()
+    out = Console() if sys.stdout.isatty() else Console(width=140)
     out.print(render_table(result))
     memory = render_memory_table(result)
     if memory is not None:

@@ -255,3 +255,17 @@ def test_report_lists_failures_readably():
     assert not r.passed and r.max_abs_diff == 0.5
     assert "new ids (direct) / logits: max |diff| 0.5 (allowed 0.0002)" in r.failures()[0]
     assert "FAIL" in r.render()
+
+
+def test_base_export_validates_on_base_probes(split_export):
+    from pathlib import Path
+
+    ext, out = split_export
+    base = Path(read_manifest(out)["base_onnx"])
+    ext.model.train()  # validation compares in eval mode and gives the mode back
+    report = validate(base, ext)
+    assert ext.model.training
+    ext.model.eval()
+    assert report.passed and report.mode == "base" and report.new_ids_checked == 0
+    assert {c.probe for c in report.checks} == {"base only", "padding", "one token"}
+    assert all(c.shape[-1] == ext.V for c in report.checks)  # logits over the base vocabulary

@@ -22,7 +22,7 @@ MB = procmem.MB
 def measure_session(spec: dict) -> dict:
     """One session: creation time, peak and resident memory, GPU memory for CUDA."""
     files = tables.external_files(spec["model"])
-    ort = sessions.ort()  # imported before the baseline, so the library itself is not counted
+    sessions.ort()  # imported before the baseline, so the library itself is not counted
     before = procmem.status()
     t0 = time.perf_counter()
     sess = sessions.create_session(spec["model"], spec["provider"], spec["threads"])
@@ -34,7 +34,6 @@ def measure_session(spec: dict) -> dict:
     sess.run(None, session_feed(sess, token_ids(1, 16, spec["V"], spec["K"], mix, 0.25, 0)))
     after = procmem.status()
     mapped = sum(procmem.mapped_bytes(files).values())
-    del ort
     return {
         "create_s": create_s,
         "peak_mb": (max(after["hwm"], after["rss"]) - before["rss"]) / MB,
