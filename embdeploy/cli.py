@@ -51,6 +51,19 @@ def _command(fn):
     return wrapper
 
 
+def _validation_summary(report):
+    """One row per output: the worst numbers over all probes."""
+    from rich.table import Table
+
+    t = Table(title=f"validation {'passed' if report.passed else 'FAILED'}: {report.mode} {report.dtype} on {report.provider}, "
+                    f"{len(report.checks)} checks, {report.new_ids_checked} new ids", title_justify="left")
+    for col in ("output", "max |diff|", "mean |diff|", "worst cosine", ""):
+        t.add_column(col, justify="left" if col == "output" else "right")
+    for name, w in report.outputs().items():
+        t.add_row(name, f"{w['max_abs']:.2e}", f"{w['mean_abs']:.2e}", f"{w['min_cosine']:.6f}", "ok" if w["ok"] else "FAIL")
+    return t
+
+
 def _escape(s: str) -> str:
     from rich.markup import escape
 
@@ -182,6 +195,7 @@ def export(
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the validation gate (the manifest then records validation: null)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Base export cache [default: $EMBDEPLOY_CACHE or ~/.cache/embdeploy]."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every validation probe, not one row per output."),
 ):
     """Export an extension to ONNX (base exported once and cached, then a graph rewrite), then validate it against PyTorch."""
     from .export import export_extension
@@ -203,7 +217,7 @@ def export(
     args.setdefault("mode", "merged")
     res = export_extension(ext_dir, overwrite=overwrite, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{_escape(m)}[/]"), **args)
     if res.report is not None:
-        out.print(res.report.table())
+        out.print(res.report.table() if verbose else _validation_summary(res.report))
     t = res.timings
     out.print(
         f"[green]wrote[/] {res.out} ({res.mode}, {res.dtype}); base {'from cache' if res.base_cached else 'exported'}, "
@@ -220,6 +234,7 @@ def validate(
     ext: Optional[Path] = typer.Option(None, "--ext", help="Extension directory to compare with [default: the one recorded at export]."),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu or cuda."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every probe, not one row per output."),
 ):
     """Check file digests, then ONNX Runtime against PyTorch on probes that hit every new id; non-zero exit on any failure."""
     from .errors import ValidationFailed
@@ -233,7 +248,7 @@ def validate(
     if json_out:
         out.print_json(data=report.to_json())
     else:
-        out.print(report.table())
+        out.print(report.table() if verbose else _validation_summary(report))
         out.print(f"[green]passed[/]: {onnx_dir}, max abs diff {report.max_abs_diff:.2e}")
 
 

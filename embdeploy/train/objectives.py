@@ -94,6 +94,8 @@ class Distill(Objective):
         self.targets: dict[int, torch.Tensor] = {}
         self.pooled_targets: dict[int, torch.Tensor] = {}
         self.cached = False
+        self.token_weight = 1.0
+        self.new_weight = 1.0
 
     def module(self):
         # The backbone only: an LM head would compute V logits per position for nothing.
@@ -145,7 +147,7 @@ class Distill(Objective):
         ids, mask = collate(seqs, self.pad)
         states, last = self._states(module, ids, mask)
         B, L, H = states.shape
-        pos, comp, weight, owner, per_item = [], [], [], [], []
+        pos, comp, weight, owner, per_item, cw = [], [], [], [], [], []
         c_total = 0
         for b, i in enumerate(items):
             comps = self.examples[i].components
@@ -156,6 +158,7 @@ class Distill(Objective):
                     comp.append(c_total)
                     weight.append(1.0 / len(c.student))
                 owner.append(b)
+                cw.append(self.new_weight if c.new else 1.0)
                 c_total += 1
         flat = states.reshape(B * L, H)
         w = torch.tensor(weight, dtype=states.dtype).unsqueeze(-1)
@@ -165,7 +168,8 @@ class Distill(Objective):
             err = 1 - F.cosine_similarity(student, target, dim=-1)
         else:
             err = (student - target).pow(2).mean(-1)
-        item_loss = states.new_zeros(B).index_add(0, torch.tensor(owner), err) / torch.tensor(per_item, dtype=states.dtype)
+        err = err * torch.tensor(cw, dtype=err.dtype)
+        item_loss = self.token_weight * states.new_zeros(B).index_add(0, torch.tensor(owner), err) / torch.tensor(per_item, dtype=states.dtype)
         if self.pooled:
             sp = pool(last, mask, self.pooling)
             tp = torch.stack([self.pooled_targets[i] for i in items]).to(sp.dtype)
