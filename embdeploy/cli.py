@@ -157,6 +157,72 @@ def merge(
     out.print(f"[green]wrote[/] {out_dir}: vocabulary {ext.V} + {ext.K} = {ext.V + ext.K} rows")
 
 
+class Objective(str, Enum):
+    distill = "distill"
+    mlm = "mlm"
+    clm = "clm"
+
+
+# ------------------------------------------------------------------------------------------ train
+@app.command()
+@_command
+def train(
+    ext_dir: Path = typer.Argument(..., help="Extension directory to train."),
+    texts: Path = typer.Option(..., "--texts", help="Training texts: plain text (one per line) or JSON lines ({\"text\": ...})."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the trained extension here [default: update EXT_DIR in place]."),
+    objective: Objective = typer.Option(Objective.distill, help="distill: match the original tokenization's hidden states (any model); mlm: masked-LM head; clm: causal LM."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: per objective, distill 300]."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (warm-up then cosine decay) [default: per objective]."),
+    batch_size: int = typer.Option(16, help="Global batch size (split over processes under torchrun)."),
+    layer: int = typer.Option(-1, help="distill: hidden layer to match (-1 = last)."),
+    pooled: bool = typer.Option(False, help="distill: also match the pooled sentence embedding (sentence-transformers models)."),
+    seed: int = typer.Option(0, help="Seed; the same seed gives the same rows on CPU."),
+    eval_texts: Optional[Path] = typer.Option(None, help="Held-out texts: print the quality report before and after."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="Write checkpoints here (safetensors + JSON)."),
+    checkpoint_every: int = typer.Option(0, help="Checkpoint every N steps (0: only at the end when --checkpoint-dir is set)."),
+    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --checkpoint-dir."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Train only the new rows (base frozen and verified by fingerprint afterwards); the record goes into extension.json."""
+    from .extend.model import load_extension
+    from .fsutil import check_output_dir
+    from .train import train as run_train
+
+    if out_dir is not None:
+        check_output_dir(out_dir, overwrite)
+    ext = load_extension(ext_dir)
+    rec = run_train(ext, texts, objective=objective.value, steps=steps, lr=lr, batch_size=batch_size, layer=layer,
+                    pooled=pooled, seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                    resume=resume, eval_texts=eval_texts, console=console)
+    target = out_dir or ext_dir
+    ext.save(target, overwrite=True if out_dir is None else overwrite)
+    if rec.tokens_without_context:
+        out.print(f"[yellow]{len(rec.tokens_without_context)} token(s) had no context in the texts and trained on "
+                  f"synthetic contexts:[/] {', '.join(rec.tokens_without_context[:10])}")
+    out.print(f"[green]wrote[/] {target}: {rec.objective}, {rec.steps} steps, loss {rec.first_loss:.4g} → {rec.final_loss:.4g}, "
+              f"{rec.time_s:.0f}s ({rec.tokens_per_s:.0f} tokens/s); base rows verified unchanged")
+
+
+# ------------------------------------------------------------------------------------------ eval
+@app.command(name="eval")
+@_command
+def eval_(
+    ext_dir: Path = typer.Argument(..., help="Extension directory."),
+    texts: Path = typer.Option(..., "--texts", help="Held-out texts that use the new tokens (plain text or JSON lines)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Quality of the new rows: output with new tokens vs with the original tokenization (cosines, retrieval accuracy)."""
+    from .extend.model import load_extension
+    from .train import evaluate, read_texts
+
+    ext = load_extension(ext_dir)
+    report = evaluate(ext, read_texts(texts))
+    if json_out:
+        out.print_json(data=report.to_json())
+    else:
+        report.render(out)
+
+
 class Mode(str, Enum):
     merged = "merged"
     split = "split"
@@ -314,11 +380,31 @@ def serve(
     max_batch: int = typer.Option(64, help="Most texts in one request (more gets 413)."),
     max_chars: int = typer.Option(20000, help="Longest text in characters (longer gets 413)."),
 ):
-    """Serve an export over HTTP: POST /v1/encode, POST /v1/embeddings, GET /healthz, GET /v1/metadata (needs embdeploy[serve])."""
+    """Serve an export over HTTP: POST /v1/encode, POST /v1/embeddings, GET /healthz, GET /v1/metadata (needs the `serve` extra: pip install "embdeploy[serve]")."""
     from .runtime.serve import serve as run_server
 
     run_server(onnx_dir, host=host, port=port, providers=providers, threads=threads,
                extension=extension, max_batch=max_batch, max_chars=max_chars)
+
+
+# ------------------------------------------------------------------------------------------ quickstart
+@app.command()
+@_command
+def quickstart(
+    workdir: Path = typer.Option(Path("embdeploy-quickstart"), help="Working directory for every artifact (reused on re-runs)."),
+    model: str = typer.Option("minilm", help="Base model [default: the built-in all-MiniLM-L6-v2]."),
+    terms: Optional[Path] = typer.Option(None, help="New tokens [default: 50 clinical terms shipped with embdeploy]."),
+    texts: Optional[Path] = typer.Option(None, help="Training contexts [default: shipped with embdeploy]."),
+    eval_texts: Optional[Path] = typer.Option(None, help="Held-out texts [default: shipped with embdeploy]."),
+    steps: Optional[int] = typer.Option(None, help="Training steps [default: train's default]."),
+    bench_rounds: int = typer.Option(12, help="Benchmark rounds (30 for committed figures; 12 keeps the demo short)."),
+    fresh: bool = typer.Option(False, help="Delete WORKDIR first instead of reusing it."),
+):
+    """The whole pipeline on the built-in model: extend → train → eval → export (merged, split, swap) → validate → bench."""
+    from .quickstart import run_quickstart
+
+    run_quickstart(workdir, model=model, terms=terms, train_texts=texts, eval_texts=eval_texts, steps=steps,
+                   bench_rounds=bench_rounds, fresh=fresh, console=out)
 
 
 def main():  # pragma: no cover

@@ -99,7 +99,8 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     _stage(console, 2, total, "train the new rows (token distillation; the base stays frozen)")
     t = time.perf_counter()
     held = read_texts(eval_texts)
-    res.quality_before = evaluate(ext, held).to_json()
+    before = evaluate(ext, held)
+    res.quality_before = before.to_json()
     if (trained_dir / "extension.json").is_file():
         ext = load_extension(trained_dir)
         console.print(f"reusing {trained_dir}")
@@ -108,7 +109,9 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
         train(ext, read_texts(train_texts), **kwargs)
         ext.save(trained_dir)
         console.print(f"wrote {trained_dir}")
-    res.quality_after = evaluate(ext, held).to_json()
+    after = evaluate(ext, held)
+    res.quality_after = after.to_json()
+    after.render(console, before=before, title="held-out quality, subword-mean init → trained")
     res.seconds["train"] = time.perf_counter() - t
 
     # 3-4. export in every mode, each validated ------------------------------------------------
@@ -164,9 +167,10 @@ def summary_table(res: QuickstartResult) -> Table:
     b, a = res.quality_before, res.quality_after
     if b and a:
         t.add_row("held-out sentence cosine (mean / min)",
-                  f"before training {b['sentence_cosine_mean']:.3f} / {b['sentence_cosine_min']:.3f}  →  "
-                  f"after {a['sentence_cosine_mean']:.3f} / {a['sentence_cosine_min']:.3f}")
-        t.add_row("retrieval accuracy", f"{b['retrieval_accuracy']:.2f} → {a['retrieval_accuracy']:.2f}")
+                  f"before training {b['sentence_cos_mean']:.3f} / {b['sentence_cos_min']:.3f}  →  "
+                  f"after {a['sentence_cos_mean']:.3f} / {a['sentence_cos_min']:.3f}")
+        ra = lambda q: "n/a" if q.get("retrieval_accuracy") is None else f"{q['retrieval_accuracy']:.2f}"  # noqa: E731
+        t.add_row(f"retrieval accuracy (1 of {a.get('candidates')})", f"{ra(b)} → {ra(a)}")
     for mode, e in res.exports.items():
         ratios = res.bench.get(mode, {})
         rtxt = ", ".join(f"{s} {r:.3f}" for s, r in ratios.items())

@@ -5,8 +5,8 @@
 
 The exported module is the plain base (the extended model with its original
 embedding and head modules put back for the duration, see `plain_model`),
-wrapped so its outputs follow the task (see `wrapper`). Every extension of that base is then a graph rewrite of this one
-file. A cache entry is reused only when its recorded source (weights digest,
+wrapped so its outputs follow the task (see `wrapper`). Every extension of
+that base is then a graph rewrite of this one file. A cache entry is reused only when its recorded source (weights digest,
 config, task, pooling, dtype, backend) matches and every file still has its
 recorded sha256; otherwise it is rebuilt.
 

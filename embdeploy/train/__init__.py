@@ -4,10 +4,10 @@
 """
 
 from .evaluate import Evaluator, QualityReport, evaluate
-from .loop import TrainRecord, train
+from .loop import TrainRecord, init_distributed, train
 from .texts import Contexts, harvest_contexts, read_texts
 
-__all__ = ["Contexts", "Evaluator", "QualityReport", "TrainRecord", "evaluate", "harvest_contexts", "read_texts", "train"]
+__all__ = ["Contexts", "Evaluator", "QualityReport", "TrainRecord", "evaluate", "harvest_contexts", "init_distributed", "read_texts", "train"]
 
 
 def demo_file(name: str):
