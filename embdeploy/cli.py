@@ -173,7 +173,7 @@ def train(
     objective: Objective = typer.Option(Objective.distill, help="distill: match the original tokenization's hidden states (any model); mlm: masked-LM head; clm: causal LM."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: per objective, distill 300]."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (warm-up then cosine decay) [default: per objective]."),
-    batch_size: int = typer.Option(16, help="Global batch size (split over processes under torchrun)."),
+    batch_size: int = typer.Option(32, help="Global batch size (split over processes under torchrun)."),
     layer: int = typer.Option(-1, help="distill: hidden layer to match (-1 = last)."),
     pooled: bool = typer.Option(False, help="distill: also match the pooled sentence embedding (sentence-transformers models)."),
     seed: int = typer.Option(0, help="Seed; the same seed gives the same rows on CPU."),

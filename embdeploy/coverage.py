@@ -8,10 +8,12 @@ Per family a tiny random model is built from a config written here (hidden 32,
 one layer, so a family takes seconds), with the MiniLM word-piece tokenizer
 (BERT-like encoders, vocabulary 30522) or a byte-level BPE trained in-process
 (everything else). It gets NEW_TOKENS (`extend_model`), a few distillation
-steps (`train`), and is exported in every mode (`export_extension`, which
-validates ONNX Runtime against PyTorch and raises on any failure). Each
-(family, mode) gives one record: passed or failed, max |ORT - PyTorch|, and
-where it failed the stage and the error message users would see.
+steps (`train`), one base export (`export_base`), and is exported in every
+mode (`export_extension`, whose validation gate runs before anything is
+written); the finished directory is then validated as `embdeploy validate`
+does (file digests, then ONNX Runtime against PyTorch). Each (family, mode)
+gives one record: passed or failed, max |ORT - PyTorch|, and where it failed
+the stage and the message users would see.
 
 A failure is recorded, never hidden. An exception that is not an
 `EmbdeployError` is recorded as "unhandled", which is a bug: users would see a
@@ -89,8 +91,12 @@ _DEC = dict(hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, inte
             max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 _ROBERTA = dict(_ENC, max_position_embeddings=130, pad_token_id=0, bos_token_id=0, eos_token_id=0)
 
+_SEQ2SEQ = dict(d_model=HIDDEN, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                encoder_ffn_dim=2 * HIDDEN, decoder_ffn_dim=2 * HIDDEN, max_position_embeddings=128, pad_token_id=0,
+                bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)
+
 FAMILIES: dict[str, Family] = {f.name: f for f in [
-    # encoders (masked LM: the tied head and its bias are rewritten too)
+    # encoders, with their masked-LM head (tied to the table, with a bias): the head is rewritten too
     Family("bert", "BERT", "BertConfig", "BertForMaskedLM", dict(_ENC), "wordpiece", core=True),
     Family("roberta", "RoBERTa", "RobertaConfig", "RobertaForMaskedLM", dict(_ROBERTA), "bpe", core=True),
     Family("distilbert", "DistilBERT", "DistilBertConfig", "DistilBertForMaskedLM",
@@ -107,6 +113,23 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("modernbert", "ModernBERT", "ModernBertConfig", "ModernBertForMaskedLM",
            dict(_ENC, global_attn_every_n_layers=1, pad_token_id=0, bos_token_id=0, eos_token_id=0, cls_token_id=0,
                 sep_token_id=0), "bpe"),
+    Family("roformer", "RoFormer", "RoFormerConfig", "RoFormerForMaskedLM", dict(_ENC, embedding_size=HIDDEN), "wordpiece"),
+    Family("big-bird", "BigBird", "BigBirdConfig", "BigBirdForMaskedLM", dict(_ENC, attention_type="original_full"),
+           "wordpiece", note="full attention (block-sparse needs long inputs)"),
+    Family("rembert", "RemBERT", "RemBertConfig", "RemBertForMaskedLM",
+           dict(_ENC, input_embedding_size=16, output_embedding_size=16, pad_token_id=0), "wordpiece",
+           note="untied head"),
+    Family("esm", "ESM", "EsmConfig", "EsmForMaskedLM",
+           dict(_ENC, pad_token_id=0, mask_token_id=1, position_embedding_type="rotary"), "bpe",
+           note="the LM head adds its own (V,) bias after the linear layer"),
+    Family("longformer", "Longformer", "LongformerConfig", "LongformerForMaskedLM",
+           dict(_ROBERTA, attention_window=8), "bpe"),
+    Family("funnel", "Funnel", "FunnelConfig", "FunnelForMaskedLM",
+           dict(d_model=HIDDEN, n_head=2, d_head=16, d_inner=2 * HIDDEN, block_sizes=[1, 1], num_decoder_layers=1),
+           "wordpiece"),
+    Family("fnet", "FNet", "FNetConfig", "FNetForMaskedLM",
+           dict(hidden_size=HIDDEN, num_hidden_layers=1, intermediate_size=2 * HIDDEN, max_position_embeddings=128,
+                pad_token_id=0), "wordpiece", note="no attention mask (Fourier mixing)"),
     # decoders (causal LM)
     Family("gpt2", "GPT-2", "GPT2Config", "GPT2LMHeadModel",
            dict(n_embd=HIDDEN, n_layer=1, n_head=2, n_positions=128, bos_token_id=0, eos_token_id=0), "bpe", core=True),
@@ -119,7 +142,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("gemma2", "Gemma 2", "Gemma2Config", "Gemma2ForCausalLM", dict(_DEC, num_key_value_heads=1, head_dim=16), "bpe",
            note="scaled embeddings, logit soft-capping"),
     Family("qwen2", "Qwen2", "Qwen2Config", "Qwen2ForCausalLM", dict(_DEC, num_key_value_heads=1, tie_word_embeddings=True),
-           "bpe", pad_rows=4, note="table padded past the tokenizer"),
+           "bpe", pad_rows=4, note="table padded 4 rows past the tokenizer"),
     Family("qwen3", "Qwen3", "Qwen3Config", "Qwen3ForCausalLM", dict(_DEC, num_key_value_heads=1, head_dim=16), "bpe"),
     Family("phi", "Phi", "PhiConfig", "PhiForCausalLM", dict(_DEC, num_key_value_heads=2), "bpe",
            note="untied head with bias"),
@@ -143,21 +166,33 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("olmo2", "OLMo 2", "Olmo2Config", "Olmo2ForCausalLM", dict(_DEC, num_key_value_heads=1), "bpe"),
     Family("granite", "Granite", "GraniteConfig", "GraniteForCausalLM",
            dict(_DEC, num_key_value_heads=1, embedding_multiplier=12.0), "bpe", note="embeddings times a multiplier"),
-    # encoder-decoder: one table shared by the encoder, the decoder and the LM head
-    Family("bart", "BART", "BartConfig", "BartModel",
-           dict(d_model=HIDDEN, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-                encoder_ffn_dim=2 * HIDDEN, decoder_ffn_dim=2 * HIDDEN, max_position_embeddings=128, pad_token_id=0,
-                bos_token_id=0, eos_token_id=0, decoder_start_token_id=0), "bpe",
-           note="encoder and decoder share the table; decoder inputs are the input ids shifted right"),
-    Family("bart-lm", "BART (LM head)", "BartConfig", "BartForConditionalGeneration",
-           dict(d_model=HIDDEN, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-                encoder_ffn_dim=2 * HIDDEN, decoder_ffn_dim=2 * HIDDEN, max_position_embeddings=128, pad_token_id=0,
-                bos_token_id=0, eos_token_id=0, decoder_start_token_id=0), "bpe",
-           note="shared table, tied LM head, final_logits_bias"),
+    Family("cohere", "Cohere", "CohereConfig", "CohereForCausalLM", dict(_DEC, num_key_value_heads=1), "bpe"),
+    Family("starcoder2", "StarCoder2", "Starcoder2Config", "Starcoder2ForCausalLM", dict(_DEC, num_key_value_heads=1), "bpe"),
+    Family("nemotron", "Nemotron", "NemotronConfig", "NemotronForCausalLM", dict(_DEC, num_key_value_heads=1), "bpe"),
+    Family("xglm", "XGLM", "XGLMConfig", "XGLMForCausalLM",
+           dict(d_model=HIDDEN, num_layers=1, attention_heads=2, ffn_dim=2 * HIDDEN, max_position_embeddings=128,
+                pad_token_id=0, bos_token_id=0, eos_token_id=0), "bpe", note="scaled embeddings"),
+    Family("biogpt", "BioGPT", "BioGptConfig", "BioGptForCausalLM", dict(_DEC), "bpe", note="scaled embeddings"),
+    Family("ctrl", "CTRL", "CTRLConfig", "CTRLLMHeadModel",
+           dict(n_embd=HIDDEN, n_layer=1, n_head=2, dff=2 * HIDDEN, n_positions=128), "bpe"),
+    Family("mixtral", "Mixtral", "MixtralConfig", "MixtralForCausalLM",
+           dict(_DEC, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1), "bpe", note="mixture of experts"),
+    Family("mamba", "Mamba", "MambaConfig", "MambaForCausalLM",
+           dict(hidden_size=HIDDEN, num_hidden_layers=1, state_size=4, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+           "bpe", note="state-space model, no attention"),
+    Family("xlnet", "XLNet", "XLNetConfig", "XLNetLMHeadModel",
+           dict(d_model=HIDDEN, n_layer=1, n_head=2, d_inner=2 * HIDDEN, pad_token_id=0), "bpe"),
+    # encoder-decoder: one table shared by the encoder, the decoder (and the LM head)
+    Family("bart", "BART", "BartConfig", "BartModel", dict(_SEQ2SEQ), "bpe",
+           note="encoder and decoder read the shared table (decoder inputs: the input ids shifted right)"),
+    Family("mbart", "mBART", "MBartConfig", "MBartModel", dict(_SEQ2SEQ), "bpe",
+           note="shared table; torch.onnx's base export itself fails in ONNX Runtime at batch size 1"),
+    Family("bart-lm", "BART + LM head", "BartConfig", "BartForConditionalGeneration", dict(_SEQ2SEQ), "bpe",
+           note="tied head plus final_logits_bias (1, V) added outside it; embdeploy has no text2text task"),
     Family("t5", "T5", "T5Config", "T5ForConditionalGeneration",
            dict(d_model=HIDDEN, d_kv=16, d_ff=2 * HIDDEN, num_layers=1, num_decoder_layers=1, num_heads=2,
                 pad_token_id=0, eos_token_id=0, decoder_start_token_id=0), "bpe",
-           note="shared table, tied LM head"),
+           note="shared table, tied head; needs decoder_input_ids, so it cannot run on input ids alone"),
 ]}
 CORE = tuple(name for name, f in FAMILIES.items() if f.core)
 
@@ -223,9 +258,13 @@ class Record:
     notes: list[str] = field(default_factory=list)
 
 
-def _reason(e: BaseException, limit: int = 400) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _reason(e: BaseException, *paths: Path, head: int = 300, tail: int = 200) -> str:
+    """The message on one line, `paths` (temporary) as OUT; a long one keeps its start (what broke) and its end."""
+    text = str(e)
+    for path in paths:
+        text = text.replace(str(path), "OUT")
+    text = " ".join(text.split()) or type(e).__name__
+    return text if len(text) <= head + tail else text[:head] + " … " + text[-tail:]
 
 
 def _error_name(e: BaseException) -> str:
@@ -263,7 +302,8 @@ def run_family(name: str, workdir, cache_dir=None, steps: int = TRAIN_STEPS, mod
     `cache_dir` (default: `workdir/cache`).
     """
     from .errors import ValidationFailed
-    from .export import export_extension
+    from .export import export_base, export_extension
+    from .export.validate import validate
     from .extend.model import extend_model
     from .train import train
 
@@ -274,7 +314,7 @@ def run_family(name: str, workdir, cache_dir=None, steps: int = TRAIN_STEPS, mod
     t0 = time.perf_counter()
 
     def failed_all(stage, e, **kw):
-        return [Record(**common, mode=m, passed=False, stage=stage, reason=_reason(e), error=_error_name(e),
+        return [Record(**common, mode=m, passed=False, stage=stage, reason=_reason(e, workdir), error=_error_name(e),
                        seconds=round(time.perf_counter() - t0, 1), **kw) for m in modes]
 
     with _quiet():
@@ -291,20 +331,27 @@ def run_family(name: str, workdir, cache_dir=None, steps: int = TRAIN_STEPS, mod
             train(ext, training_texts(), objective="distill", steps=steps, batch_size=8, seed=seed, progress=False)
         except Exception as e:
             return failed_all("train", e, **shape)
+        try:  # once for all modes: each mode is then a rewrite of this cached file
+            export_base(ext, cache_dir=cache_dir)
+        except Exception as e:
+            return failed_all("export", e, **shape)
         records = []
         for mode in modes:
             t = time.perf_counter()
             rec = Record(**common, mode=mode, passed=False, **shape)
+            out = workdir / f"{name}-{mode}"
+            stage = "export"
             try:
-                res = export_extension(ext, mode, workdir / f"{name}-{mode}", cache_dir=cache_dir, overwrite=True)
-                rec.passed, rec.max_abs_diff = res.report.passed, res.report.max_abs_diff
-                rec.notes = list(res.report.notes)
+                export_extension(ext, mode, out, cache_dir=cache_dir, overwrite=True)  # validates before it writes
+                stage = "validate"
+                report = validate(out, ext)  # what `embdeploy validate` does with the finished directory
+                rec.passed, rec.max_abs_diff, rec.notes = report.passed, report.max_abs_diff, list(report.notes)
             except ValidationFailed as e:
                 report = getattr(e, "report", None)
-                rec.stage, rec.reason, rec.error = "validate", _reason(e), _error_name(e)
+                rec.stage, rec.reason, rec.error = "validate", _reason(e, out, workdir), _error_name(e)
                 rec.max_abs_diff = report.max_abs_diff if report is not None and report.checks else None
             except Exception as e:
-                rec.stage, rec.reason, rec.error = "export", _reason(e), _error_name(e)
+                rec.stage, rec.reason, rec.error = stage, _reason(e, out, workdir), _error_name(e)
             rec.seconds = round(time.perf_counter() - t, 1)
             records.append(rec)
         return records
@@ -400,9 +447,15 @@ def render_markdown(data: dict) -> str:
     lines += ["", "Cells: validation result and max |ORT − PyTorch| over all probes; for a failure, the stage that failed."]
     failures = [r for r in records if not r["passed"]]
     if failures:
-        lines += ["", "## Failures", "", "| family | mode | stage | error | message |", "|---|---|---|---|---|"]
-        for r in failures:
-            lines.append(f"| {_cell(r['label'])} | {r['mode']} | {r['stage']} | `{r['error']}` | {_cell(r['reason'])} |")
+        lines += ["", "## Failures", "",
+                  "The message is what users see (an error type that is not an `EmbdeployError` means a traceback).", "",
+                  "| family | modes | stage | error | message |", "|---|---|---|---|---|"]
+        grouped: dict[tuple, list[str]] = {}
+        for r in failures:  # one row when every mode failed the same way
+            grouped.setdefault((r["label"], r["stage"], r["error"], r["reason"]), []).append(r["mode"])
+        for (label, stage, error, reason), modes in grouped.items():
+            which = "all" if len(modes) == len(MODES) else ", ".join(modes)
+            lines.append(f"| {_cell(label)} | {which} | {stage} | `{error}` | {_cell(reason)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -36,6 +36,21 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise EmbdeployError(f"cannot write to {parent} (read-only or no permission); choose a writable --out")
 
 
+def _owner_alive(name: str) -> bool:
+    """Partial dirs are named .NAME.partial-PID-XXXX; True while PID is a running process."""
+    rest = name.rsplit(PARTIAL_MARK, 1)[-1]
+    pid = rest.split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False):
     """Yield a temporary directory; on success it replaces `out` in one rename."""
@@ -43,9 +58,11 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False):
     check_output_dir(out, overwrite)
     parent = out.resolve().parent
     for stale in parent.glob(f".{out.name}{PARTIAL_MARK}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if not _owner_alive(stale.name):  # leave another live process's work in progress alone
+            shutil.rmtree(stale, ignore_errors=True)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}{os.getpid()}-", dir=parent))
+        tmp.chmod(0o755)
     except OSError as e:
         raise EmbdeployError(f"cannot write to {parent}: {e.strerror}; choose a writable --out") from None
     try:

@@ -29,8 +29,10 @@ def describe(path) -> dict:
     elif (p / "embdeploy.json").is_file():
         try:
             m = json.loads((p / "embdeploy.json").read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise EmbdeployError(f"{p / 'embdeploy.json'} is not valid JSON ({e}); re-run `embdeploy export`") from None
+        if not isinstance(m, dict):
+            raise EmbdeployError(f"{p / 'embdeploy.json'} does not hold a JSON object; re-run `embdeploy export`")
         kind = f"ONNX export ({m.get('mode')})"
     else:
         raise EmbdeployError(f"{p} is neither an extension directory (extension.json) nor an ONNX export (embdeploy.json)")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..errors import EmbdeployError
 from ..fingerprint import table_fingerprint
-from ..fsutil import atomic_output_dir
+from ..fsutil import atomic_output_dir, check_output_dir
 from .manifest import (
     CREATED_BY, FORMAT_VERSION, KIND, MANIFEST, digests, dtype_name, publishable, short_dtype, verify_dir,
     write_manifest,
@@ -170,6 +170,8 @@ def export_base(
     if backend not in BACKENDS:
         raise EmbdeployError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     dtype = short_dtype(dtype)
+    if out is not None:
+        check_output_dir(Path(out), overwrite)  # before the export, not after
     with plain_model(ext_or_model) as plain:
         training = plain.training
         plain.eval()
@@ -252,9 +254,9 @@ def _torch_export(wrapper, path: Path) -> None:
     """torch.onnx (dynamo) export of `wrapper` to `path`, batch and sequence axes dynamic."""
     import torch
 
-    V = wrapper.model.get_input_embeddings().weight.shape[0]
+    table = wrapper.model.get_input_embeddings().weight
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, V, _DUMMY_SHAPE, generator=g)
+    ids = torch.randint(0, table.shape[0], _DUMMY_SHAPE, generator=g).to(table.device)
     dummies = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     args = tuple(dummies[n] for n in wrapper.input_names)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
@@ -273,6 +275,30 @@ def _torch_export(wrapper, path: Path) -> None:
             "Export the base yourself (e.g. `optimum-cli export onnx`) and pass it with --base-onnx PATH, "
             "or try --backend optimum"
         ) from e
+    _refuse_fixed_axes(path, wrapper)
+
+
+def _refuse_fixed_axes(path: Path, wrapper) -> None:
+    """torch.export may specialize an axis it was asked to keep dynamic (model code that depends on
+    the length) and still succeed: the graph then takes only the dummy shape, which users would
+    first see as a failed validation. Refuse it here, where the fix is known."""
+    import onnx
+
+    fixed = []
+    for vi in onnx.load(str(path), load_external_data=False).graph.input:
+        if vi.name not in wrapper.input_names:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        for axis, label in enumerate(("batch", "sequence")):
+            if axis < len(dims) and dims[axis].HasField("dim_value"):
+                fixed.append(f"{vi.name} {label} = {dims[axis].dim_value}")
+    if fixed:
+        raise EmbdeployError(
+            f"torch.onnx exported {type(wrapper.model).__name__} with fixed input sizes ({', '.join(fixed)}); "
+            f"the graph would take only inputs of shape {_DUMMY_SHAPE}. Export the base yourself with dynamic "
+            "batch and sequence axes (e.g. `optimum-cli export onnx`) and pass it with --base-onnx PATH, "
+            "or try --backend optimum"
+        )
 
 
 def _optimum_export(base: _Base, tmp: Path) -> Path:

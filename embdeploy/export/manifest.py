@@ -96,6 +96,9 @@ def read_manifest(directory) -> dict:
     for k in ("V", "K", "H"):
         if not isinstance(m.get(k), int) or m[k] < 0:
             problems.append(f"{k} is {m.get(k)!r}, expected a non-negative integer")
+    tokens = m.get("tokens")  # the manifest is not among the hashed files: K must at least agree with it
+    if isinstance(tokens, list) and isinstance(m.get("K"), int) and len(tokens) != m["K"]:
+        problems.append(f"K is {m['K']} but {len(tokens)} tokens are listed")
     if not isinstance(m.get("files"), dict) or not m.get("files"):
         problems.append("files (the sha256 of every file) is missing")
     if not isinstance(m.get("inputs"), list) or not isinstance(m.get("outputs"), list):
@@ -104,7 +107,7 @@ def read_manifest(directory) -> dict:
     return m
 
 
-def verify_dir(onnx_dir, _allow_partial: bool = False) -> dict:
+def verify_dir(onnx_dir, *, _allow_partial: bool = False) -> dict:
     """Check every file `embdeploy.json` lists against its recorded sha256; return the manifest.
 
     Raises EmbdeployError naming each missing or changed file (all at once), and

@@ -19,7 +19,8 @@ compared where attention_mask is 1 (padding positions are not defined).
 
 Swap exports are also run with a replacement extension table (rows permuted
 and perturbed), given to ONNX Runtime per session and to PyTorch as the
-extension's rows, to prove the table really is swappable.
+extension's rows, to prove the table really is swappable (direct ids, padding,
+one token and the first text batch).
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def build_probes(tokenizer, V: int, K: int, max_len: int = 512) -> tuple[list[Pr
     if K:
         text_rows = []
         for s in range(0, K, per_text):
-            text_rows.append(encode("the " + " , ".join(tokens[s : s + per_text]) + " ."))
+            text_rows.append(encode("the " + " ".join(tokens[s : s + per_text]) + " ."))
             produced.update(i for i in text_rows[-1] if i >= V)
         probes += _batches("new tokens (text)", text_rows, pad_id)
         missing = [t for i, t in zip(range(V, V + K), tokens) if i not in produced]
@@ -339,12 +340,28 @@ class _Reference:
         try:
             with torch.no_grad():
                 out = task_outputs(model, self.task, self.pooling, kwargs, extras=True)
+        except EmbdeployError:
+            raise
+        except Exception as e:  # the model's own code fails: say so instead of a traceback
+            raise EmbdeployError(_reference_failure(self.ext, e)) from e
         finally:
             model.train(training)
         result = {k: v.detach().float().cpu().numpy() for k, v in out.items()}
         if V is not None and "logits" in result:  # a base export: logits over the base vocabulary only
             result["logits"] = result["logits"][..., :V]
         return result
+
+
+def _reference_failure(ext, e: Exception) -> str:
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:300]
+    msg = (f"the extended PyTorch model ({type(ext.model).__name__}) fails on a validation probe "
+           f"({type(e).__name__}: {first}), so there is nothing to check the export against")
+    V, total = ext.V, ext.V + ext.K
+    if str(V) in first and str(total) in first:
+        msg += (f". Sizes {V} and {total} mean the model adds a vocabulary-sized tensor to its logits outside "
+                "the LM head (a separate logits bias), which embdeploy does not extend; load the base without "
+                "its LM head (its …Model class) and export that")
+    return msg
 
 
 def _role_feeds(probe: Probe) -> dict[str, np.ndarray]:
@@ -442,12 +459,15 @@ def _replacement(table: np.ndarray, seed: int) -> np.ndarray:
 
 
 def validate(
-    onnx_dir, ext, provider: str = "cpu", _partial: bool = False, _shown_as=None, _manifest: dict | None = None
+    onnx_dir, ext, provider: str = "cpu", *, _partial: bool = False, _shown_as=None, _manifest: dict | None = None
 ) -> ValidationReport:
     """Validate the export in `onnx_dir` against extension `ext`; raise ValidationFailed on any failure.
 
     Returns the report when every check passed. The exception carries it as `.report`.
+    (The underscored arguments are for export_extension, which validates its
+    unfinished `.NAME.partial-*` directory, and validate_dir.)
     """
+    from ..onnx.rewrite import EXT_EMBED, EXT_HEAD
     from .manifest import verify_dir
     from .wrapper import check_pooling, infer_task
 
@@ -491,7 +511,7 @@ def validate(
     outputs = [o.name for o in sess.get_outputs()]
     if outputs != list(m["outputs"]):
         report.problems.append(f"the graph's outputs {outputs} differ from the manifest's {m['outputs']}")
-    fed = {i.name for i in sess.get_inputs()} - {"embdeploy_ext_embed", "embdeploy_ext_head"}
+    fed = {i.name for i in sess.get_inputs()} - {EXT_EMBED, EXT_HEAD}  # swap tables: overridable, not fed
     if fed != set(roles):
         report.problems.append(f"the graph's inputs {sorted(fed)} differ from the manifest's {sorted(roles)}")
     else:
@@ -525,7 +545,9 @@ def _swap_check(model_path, provider, ext, m, roles, reference, probes, report) 
         head = _replacement(ext.head_table().float().cpu().numpy(), seed=2).astype(np_dtype)
     so = swap_session_options(ort.SessionOptions(), embed, head)
     sess = _session(model_path, provider, so)
-    new_probes = [p for p in probes if p.name.startswith(("new", "padding", "one token"))]
+    # Every row through the direct ids; the tokenizer path was checked above, once is enough here.
+    new_probes = [p for p in probes if p.name.startswith(("new ids", "padding", "one token"))]
+    new_probes.insert(0, next(p for p in probes if p.name.startswith("new tokens")))
     with _extension_rows(ext, embed.astype(np.float32), None if head is None else head.astype(np.float32)):
         _run_probes(sess, roles, reference, new_probes, report.tolerance, report, label="swapped table: ")
 

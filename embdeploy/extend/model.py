@@ -440,6 +440,12 @@ def load_extension(directory, model=None, tokenizer=None) -> Extension:
         ext.groups.append(Group(g["name"], names, g["first_id"], g.get("init", {}), g.get("notes", [])))
         ext._add_tables(g["name"], tensors[f"embed.{g['name']}"], tensors.get(f"head.{g['name']}"))
     ext.training_records = list(m.get("training", []))
+    if m.get("extension_fingerprint") and ext.extension_fingerprint() != m["extension_fingerprint"]:
+        raise EmbdeployError(
+            f"the rows in {d / WEIGHTS} do not match the extension_fingerprint in {d / MANIFEST} (changed after "
+            "it was saved, or the two files come from different revisions); re-create the extension, or save "
+            "it again with `embdeploy extend`/`train`"
+        )
     problems = []
     for t in m["tokens"]:
         got = tok.convert_tokens_to_ids(t["token"])

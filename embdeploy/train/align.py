@@ -62,6 +62,7 @@ def is_causal(model) -> bool:
 def max_length(model, tokenizer) -> int:
     cfg = model.config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or MAX_LEN
+    limit = limit if limit > 0 else MAX_LEN  # XLNet: -1, no position table
     tmax = getattr(tokenizer, "model_max_length", None) or MAX_LEN
     return int(min(MAX_LEN, limit, tmax))
 

@@ -30,13 +30,14 @@ from ..errors import EmbdeployError, raise_all
 from .align import build_examples, is_causal
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .objectives import OBJECTIVES, make_objective, pad_id
-from .texts import harvest_contexts, read_texts, texts_digest
+from .texts import SYNTHETIC, harvest_contexts, read_texts, texts_digest
 
 # Defaults per objective: (steps, lr). Distillation defaults reach the README goal on MiniLM
 # (50 terms, 400 contexts) in about a minute on two CPU cores.
 DEFAULTS = {"distill": (300, 3e-3), "mlm": (300, 5e-3), "clm": (300, 5e-3)}
 DEFAULT_BATCH = 32
 WARMUP_FRACTION = 0.05
+_BETAS = (0.9, 0.999)
 MAX_CONTEXTS_PER_TOKEN = 64
 
 
@@ -148,6 +149,8 @@ def _clip_rows(ext, max_norm: float) -> None:
 
 def _check_args(objective, steps, lr, batch_size, layer, pooled, checkpoint_every, checkpoint_dir, resume, loss, ext, world):
     problems = []
+    if not ext.tokens:
+        problems.append("the extension has no new tokens; add a group (embdeploy extend) before training")
     if objective not in OBJECTIVES:
         problems.append(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if not isinstance(steps, int) or steps < 1:
@@ -229,11 +232,16 @@ def train(
     causal = is_causal(ext.model)
     contexts = harvest_contexts(ext, texts, max_per_token=max_contexts_per_token, seed=seed)
     examples = [e for e in build_examples(ext, contexts.texts, causal) if e.new_positions]
-    if not examples:
-        raise EmbdeployError("no context keeps a new token after tokenization; check that the texts use the new tokens")
+    # A token whose every context lost it to truncation gets synthetic ones too, and is reported.
+    seen = {i for e in examples for p in e.new_positions for i in (e.student_ids[p],)}
+    lost = [t for t in ext.tokens if ext.token_ids[t] not in seen]
+    if lost:
+        contexts.without_context += [t for t in lost if t not in contexts.without_context]
+        extra = [s.format(t=t) for t in lost for s in SYNTHETIC]
+        examples += [e for e in build_examples(ext, extra, causal) if e.new_positions]
     obj = make_objective(objective, ext, examples, causal, pad_id(ext.tokenizer), layer=layer, pooled=pooled, loss=loss)
     params = obj.parameters()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=_BETAS)
     data_sha = texts_digest(texts)
     settings = {
         "objective": objective, "steps": steps, "lr": lr, "batch_size": batch_size, "layer": layer,

@@ -1,0 +1,96 @@
+"""Architecture coverage: the core families pass extend -> train -> export -> validate in every mode,
+and docs/coverage.md is what the generator writes for docs/coverage.json (never edited by hand).
+
+The other families (and the ones that fail, with their reasons) are in docs/coverage.md;
+regenerate it with `python -m embdeploy.coverage --write docs/coverage.md`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from embdeploy import coverage
+from embdeploy.coverage import CORE, FAMILIES, HEADER, MODES, Record, render_markdown, run_family
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+REQUIRED = ("bert", "roberta", "distilbert", "xlm-roberta", "gpt2", "llama", "mistral", "gemma")
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+
+
+def test_core_families_are_the_required_ones():
+    assert set(REQUIRED) <= set(CORE)
+
+
+@pytest.mark.parametrize("family", CORE)
+def test_family_passes_every_mode(family, tmp_path):
+    records = run_family(family, tmp_path)
+    assert [r.mode for r in records] == list(MODES)
+    failed = [f"{r.mode}: [{r.stage}] {r.error}: {r.reason}" for r in records if not r.passed]
+    assert not failed, "\n".join(failed)
+    for r in records:
+        assert r.K == len(coverage.NEW_TOKENS) and r.H > 0
+        assert r.max_abs_diff is not None and r.max_abs_diff < 1e-4
+
+
+def test_coverage_md_is_generated_from_coverage_json():
+    data = json.loads((DOCS / "coverage.json").read_text())
+    md = (DOCS / "coverage.md").read_text()
+    assert md.startswith(HEADER)
+    assert md == render_markdown(data), (
+        "docs/coverage.md differs from what the generator writes for docs/coverage.json; "
+        "regenerate it with `python -m embdeploy.coverage --write docs/coverage.md`, do not edit it"
+    )
+
+
+def test_recorded_families_are_current():
+    data = json.loads((DOCS / "coverage.json").read_text())
+    recorded = {}
+    for r in data["records"]:
+        recorded.setdefault(r["family"], set()).add(r["mode"])
+    assert set(recorded) <= set(FAMILIES), f"records of families no longer defined: {set(recorded) - set(FAMILIES)}"
+    assert set(CORE) <= set(recorded), f"core families missing from docs/coverage.json: {set(CORE) - set(recorded)}"
+    assert all(modes == set(MODES) for modes in recorded.values())
+    for r in data["records"]:
+        assert set(r) == set(Record.__dataclass_fields__), f"{r['family']}: stale record format"
+        if r["family"] in CORE:
+            assert r["passed"], f"docs/coverage.json records a failure of core family {r['family']} ({r['mode']})"
+        if not r["passed"]:
+            assert r["stage"] and r["reason"] and r["error"], f"{r['family']} {r['mode']}: a failure without its reason"
+
+
+def test_write_keeps_families_not_run_and_renders_the_json(tmp_path):
+    def recs(family, passed):
+        return [Record(family=family, label=family.upper(), model_class="X", mode=m, passed=passed,
+                       max_abs_diff=1e-7 if passed else None, stage=None if passed else "export",
+                       reason=None if passed else "torch.onnx could not export X | pass --base-onnx PATH",
+                       error=None if passed else "EmbdeployError", head="tied", V=10, K=4, H=32) for m in MODES]
+
+    md = tmp_path / "cov.md"
+    coverage.write(recs("gpt2", True), md)
+    coverage.write(recs("bert", False), md)
+    data = json.loads((tmp_path / "cov.json").read_text())
+    assert [r["family"] for r in data["records"]] == ["bert"] * 3 + ["gpt2"] * 3  # in FAMILIES order
+    text = md.read_text()
+    assert text == render_markdown(data)
+    assert "| BERT | all | export | `EmbdeployError` | torch.onnx could not export X \\| pass --base-onnx PATH |" in text
+    assert "3 of 6 family × mode combinations pass" in text
+    coverage.write(recs("bert", True), md)  # a family run again replaces its rows
+    assert "## Failures" not in md.read_text()
+
+
+def test_unknown_family_is_refused(capsys):
+    assert coverage.main(["--families", "bert,nosuchmodel"]) == 2
+    assert "unknown family nosuchmodel" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_family_torch_onnx_cannot_export_fails_with_the_fixes(tmp_path):
+    """The default exporter fixes Funnel's sequence axis; that is refused at export, naming --base-onnx."""
+    records = run_family("funnel", tmp_path)
+    assert all(not r.passed and r.stage == "export" and r.error == "EmbdeployError" for r in records)
+    assert "--base-onnx" in records[0].reason and "--backend optimum" in records[0].reason
+    assert not list(tmp_path.glob("funnel-*"))  # nothing half-written
