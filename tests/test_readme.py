@@ -1,0 +1,47 @@
+"""The README's promises: its set-up commands are the ones CI runs, and its Python example runs as shown."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    setup = README.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)```", setup, flags=re.S)
+    assert len(commands) == 2, commands
+    install_and_run, run_tests = (c.strip() for c in commands)
+    assert install_and_run.endswith("embdeploy quickstart")
+    assert "pytest" in run_tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert run_tests in ci.splitlines(), "the README's test command must be the line .ci/run executes"
+
+
+def test_every_cli_command_in_readme_exists():
+    from embdeploy.cli import app
+
+    registered = {c.name or c.callback.__name__ for c in app.registered_commands}
+    mentioned = set(re.findall(r"`embdeploy (\w+)", README))
+    assert mentioned <= registered | {"COMMAND"}, mentioned - registered
+
+
+@pytest.mark.slow
+def test_python_api_example_runs(tmp_path):
+    code = next(b for b in _blocks("python") if "extend_model" in b)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", EMBDEPLOY_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "(1, 384)" in p.stdout
+    assert (tmp_path / "clinical-onnx" / "embdeploy.json").is_file()
