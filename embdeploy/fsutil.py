@@ -27,6 +27,8 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise EmbdeployError(f"output path {out} exists and is not a directory; choose another --out")
     parent = out.resolve().parent
+    if parent.exists() and not parent.is_dir():  # caught here, not after minutes of work
+        raise EmbdeployError(f"cannot create {out}: {parent} is a file, not a directory; choose a writable --out")
     if not parent.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,8 @@ def load_artifact(path: str | Path) -> OnnxArtifact:
     if not meta_path.is_file():
         raise EmbdeployError(
             f"{path} has no embdeploy.json, so it is not an embdeploy ONNX directory; pass a directory written by "
-            "`embdeploy export` (the base model's own export is written by `embdeploy export --mode base`)"
+            "`embdeploy export` (for the base model's own export, the cached one each export records as "
+            "base_onnx in its embdeploy.json)"
         )
     try:
         meta = json.loads(meta_path.read_text())
@@ -130,8 +131,8 @@ def resolve_artifacts(onnx_dirs, base_dir=None) -> tuple[OnnxArtifact, list[Onnx
         base = load_artifact(base_dir)
         if base.mode != "base":
             raise EmbdeployError(
-                f"--base {base.path} is a {base.mode!r} export; pass the base model's own export (mode 'base', "
-                "written by `embdeploy export --mode base`)"
+                f"--base {base.path} is a {base.mode!r} export; pass the base model's own export (mode 'base': "
+                "the cached one each export records as base_onnx in its embdeploy.json)"
             )
     else:
         bases = [a for a in arts if a.mode == "base"]

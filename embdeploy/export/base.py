@@ -276,6 +276,39 @@ def _torch_export(wrapper, path: Path) -> None:
             "or try --backend optimum"
         ) from e
     _refuse_fixed_axes(path, wrapper)
+    _refuse_shape_failures(path, wrapper)
+
+
+_OTHER_SHAPES = ((1, 1), (3, 7))  # (batch, sequence) unlike the dummy: batch 1 is where exporters specialize
+
+
+def _refuse_shape_failures(path: Path, wrapper) -> None:
+    """Run the export once per shape in _OTHER_SHAPES: a graph with symbolic axes can still fail
+    in ONNX Runtime at other sizes (an axis of size 1 squeezed away at trace time). Without
+    onnxruntime the check is left to validation."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+    except ImportError:
+        return
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # the failure is reported below, once
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception:  # not this check's business: validation reports what ORT says about the file
+        return
+    for shape in _OTHER_SHAPES:
+        feeds = {n: (np.ones if n == "attention_mask" else np.zeros)(shape, dtype=np.int64) for n in wrapper.input_names}
+        try:
+            sess.run(None, feeds)
+        except Exception as e:  # ORT's own error types
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
+            raise EmbdeployError(
+                f"torch.onnx's export of {type(wrapper.model).__name__} does not run in ONNX Runtime on inputs of "
+                f"shape (batch, sequence) = {shape} ({first}); it only works for shapes like {_DUMMY_SHAPE}. Export "
+                "the base yourself (e.g. `optimum-cli export onnx`) and pass it with --base-onnx PATH, or try "
+                "--backend optimum"
+            ) from None
 
 
 def _refuse_fixed_axes(path: Path, wrapper) -> None:

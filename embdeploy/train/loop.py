@@ -32,12 +32,14 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .objectives import OBJECTIVES, make_objective, pad_id
 from .texts import SYNTHETIC, harvest_contexts, read_texts, texts_digest
 
-# Defaults per objective: (steps, lr). Distillation defaults reach the README goal on MiniLM
-# (50 terms, 400 contexts) in about a minute on two CPU cores.
-DEFAULTS = {"distill": (300, 3e-3), "mlm": (300, 5e-3), "clm": (300, 5e-3)}
+# Defaults per objective: (steps, lr). Distillation defaults reach the goal in perf/README-train.md
+# on MiniLM (50 terms, 400 contexts) in about a minute on two CPU cores.
+DEFAULTS = {"distill": (300, 1e-2), "mlm": (300, 5e-3), "clm": (300, 5e-3)}
 DEFAULT_BATCH = 32
 WARMUP_FRACTION = 0.05
-_BETAS = (0.9, 0.999)
+# beta2 = 0.99 rather than 0.999: a row gets a gradient only in steps whose batch holds one of its
+# contexts, and the shorter second-moment memory adapts faster to those sparse, shrinking gradients.
+BETAS = (0.9, 0.99)
 MAX_CONTEXTS_PER_TOKEN = 64
 
 
@@ -99,17 +101,32 @@ def init_distributed() -> tuple[int, int]:
 
 
 class _Sampler:
-    """Global batch for a step: a pure function of (seed, step), so resume and sharding are deterministic."""
+    """Global batch for a step: a pure function of (seed, step), so resume and sharding are deterministic.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.bs, self.seed = n, batch_size, seed
+    Each epoch is a seeded permutation, sorted by length within pools of POOL
+    batches, so a batch holds texts of similar length and pads little.
+    """
+
+    POOL = 4
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.n, self.bs, self.seed = lengths, len(lengths), batch_size, seed
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # the batch may straddle two epochs
-            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+            perm = torch.randperm(self.n, generator=g).tolist()
+            size = self.POOL * self.bs
+            order = []
+            for k in range(0, self.n, size):
+                # stable sort: equal lengths keep their random order; then the pool's batches in random order
+                pool = sorted(perm[k : k + size], key=lambda i: self.lengths[i])
+                chunks = [pool[j : j + self.bs] for j in range(0, len(pool), self.bs)]
+                for c in torch.randperm(len(chunks), generator=g).tolist():
+                    order += chunks[c]
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # a batch may straddle two epochs
+            self._perms[epoch] = order
         return self._perms[epoch]
 
     def batch(self, step: int) -> list[int]:
@@ -166,6 +183,8 @@ def _check_args(objective, steps, lr, batch_size, layer, pooled, checkpoint_ever
         problems.append(f"layer {layer} does not exist: the model has hidden states 0..{n_layers} (or -1 for the last)")
     if pooled and objective != "distill":
         problems.append("pooled=True applies to objective 'distill' only")
+    if pooled and layer != -1:
+        problems.append(f"layer {layer} applies to token-level distillation; pooled=True matches the pooled output (pass pooled=False)")
     if loss not in ("mse", "cos"):
         problems.append(f"loss must be 'mse' or 'cos', got {loss!r}")
     if checkpoint_every and not checkpoint_dir:
@@ -185,7 +204,7 @@ def train(
     lr: float | None = None,
     batch_size: int = DEFAULT_BATCH,
     layer: int = -1,
-    pooled: bool = False,
+    pooled: bool | None = None,
     seed: int = 0,
     checkpoint_dir=None,
     checkpoint_every: int = 0,
@@ -203,8 +222,9 @@ def train(
     objective       'distill' (any model), 'mlm' (fill-mask), 'clm' (causal LM)
     steps, lr       default per objective (DEFAULTS); lr follows warm-up + cosine decay
     batch_size      global batch (split over processes under torch.distributed)
-    layer, pooled   distill: hidden state to match (-1 = last output), and whether to add the
-                    pooled sentence embedding's 1-cos to the loss
+    layer           distill, token level: the hidden state to match (-1 = the last output)
+    pooled          distill: match the pooled sentence embedding (1 - cos) instead of token states;
+                    None (default) = True where the model has sentence-transformers pooling (info.pooling)
     checkpoint_dir  where checkpoints go every `checkpoint_every` steps (and at the end)
     resume          continue from the newest checkpoint in checkpoint_dir
     eval_texts      held-out texts: `evaluate` runs before and after, both kept in the record
@@ -214,6 +234,8 @@ def train(
     d_steps, d_lr = DEFAULTS.get(objective, (300, 1e-3))
     steps = d_steps if steps is None else steps
     lr = d_lr if lr is None else lr
+    if pooled is None:
+        pooled = objective == "distill" and bool(ext.base_info.pooling)
     _check_args(objective, steps, lr, batch_size, layer, pooled, checkpoint_every, checkpoint_dir, resume, loss, ext, world)
     if not isinstance(texts, (list, tuple)):
         texts = read_texts(texts)
@@ -241,7 +263,7 @@ def train(
         examples += [e for e in build_examples(ext, extra, causal) if e.new_positions]
     obj = make_objective(objective, ext, examples, causal, pad_id(ext.tokenizer), layer=layer, pooled=pooled, loss=loss)
     params = obj.parameters()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=_BETAS)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=BETAS)
     data_sha = texts_digest(texts)
     settings = {
         "objective": objective, "steps": steps, "lr": lr, "batch_size": batch_size, "layer": layer,
@@ -274,8 +296,10 @@ def train(
 
         with _eval_mode(ext.model):
             evaluator = Evaluator(ext, list(eval_texts))
-            if eval_before is None:
+            if eval_before is None and start == 0:
                 eval_before = evaluator.run().to_json()
+            elif eval_before is None:
+                notes.append(f"no evaluation before training: the run resumed at step {start} and had none stored")
 
     with _eval_mode(ext.model):
         obj.setup()
@@ -284,7 +308,7 @@ def train(
         from torch.nn.parallel import DistributedDataParallel
 
         module = DistributedDataParallel(module)
-    sampler = _Sampler(len(examples), batch_size, seed)
+    sampler = _Sampler([len(e.student_ids) for e in examples], batch_size, seed)
     scale = world / batch_size
     clip = float(ext.base_table().norm(dim=1).max()) if ext.head_mode == "tied" else None
     tokens_seen, t_loop = 0, time.perf_counter()

@@ -77,13 +77,21 @@ class Objective:
 
 
 class Distill(Objective):
-    """Hidden states of the extended model (student) against the original model on the original tokenization (teacher).
+    """The extended model (student) against the original model on the original tokenization (teacher).
 
-    Each aligned component contributes one error: student state (mean over its
-    student positions, a single position in practice) against the teacher's
-    mean over the original pieces. In causal models the new token is compared
-    with its *last* piece instead: that is the state which has read the whole
-    word and from which the following text is predicted.
+    Token level (default): each aligned component contributes one error, the
+    student state at `layer` (mean over its student positions, a single position
+    in practice) against the teacher's mean over the original pieces. In causal
+    models the new token is compared with its *last* piece instead: that is the
+    state which has read the whole word and from which the following text is
+    predicted.
+
+    pooled=True: the error is 1 - cos between the two pooled sentence embeddings
+    (the model's own pooling). Token-level matching cannot make those equal: the
+    teacher's mean pool weighs a word of n pieces n times, the student's once,
+    and layer norms keep the student from making up for it at the word's own
+    position; only the other positions can. So for sentence-embedding models the
+    pooled output itself is the better target.
     """
 
     name = "distill"
@@ -94,8 +102,6 @@ class Distill(Objective):
         self.targets: dict[int, torch.Tensor] = {}
         self.pooled_targets: dict[int, torch.Tensor] = {}
         self.cached = False
-        self.token_weight = 1.0
-        self.new_weight = 1.0
 
     def module(self):
         # The backbone only: an LM head would compute V logits per position for nothing.
@@ -146,8 +152,18 @@ class Distill(Objective):
         seqs = [self.examples[i].student_ids for i in items]
         ids, mask = collate(seqs, self.pad)
         states, last = self._states(module, ids, mask)
+        if self.pooled:
+            sp = pool(last, mask, self.pooling)
+            tp = torch.stack([self.pooled_targets[i] for i in items]).to(sp.dtype)
+            item_loss = 1 - F.cosine_similarity(sp, tp, dim=-1)
+        else:
+            item_loss = self._token_loss(states, items)
+        return item_loss.sum() * scale, int(mask.sum())
+
+    def _token_loss(self, states, items):
+        """Per-example mean over aligned components of the state error (B,)."""
         B, L, H = states.shape
-        pos, comp, weight, owner, per_item, cw = [], [], [], [], [], []
+        pos, comp, weight, owner, per_item = [], [], [], [], []
         c_total = 0
         for b, i in enumerate(items):
             comps = self.examples[i].components
@@ -158,23 +174,17 @@ class Distill(Objective):
                     comp.append(c_total)
                     weight.append(1.0 / len(c.student))
                 owner.append(b)
-                cw.append(self.new_weight if c.new else 1.0)
                 c_total += 1
         flat = states.reshape(B * L, H)
         w = torch.tensor(weight, dtype=states.dtype).unsqueeze(-1)
-        student = states.new_zeros((c_total, H)).index_add(0, torch.tensor(comp), flat[torch.tensor(pos)] * w)
-        target = torch.cat([self.targets[i] for i in items]).to(states.dtype)
+        student = states.new_zeros((c_total, H)).index_add(0, torch.tensor(comp), flat[torch.tensor(pos)] * w)  # (C, H)
+        target = torch.cat([self.targets[i] for i in items]).to(states.dtype)  # (C, H)
         if self.kind == "cos":
             err = 1 - F.cosine_similarity(student, target, dim=-1)
         else:
             err = (student - target).pow(2).mean(-1)
-        err = err * torch.tensor(cw, dtype=err.dtype)
-        item_loss = self.token_weight * states.new_zeros(B).index_add(0, torch.tensor(owner), err) / torch.tensor(per_item, dtype=states.dtype)
-        if self.pooled:
-            sp = pool(last, mask, self.pooling)
-            tp = torch.stack([self.pooled_targets[i] for i in items]).to(sp.dtype)
-            item_loss = item_loss + (1 - F.cosine_similarity(sp, tp, dim=-1))
-        return item_loss.sum() * scale, int(mask.sum())
+        total = states.new_zeros(B).index_add(0, torch.tensor(owner), err)
+        return total / torch.tensor(per_item, dtype=states.dtype)
 
 
 class MaskedLM(Objective):
