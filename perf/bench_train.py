@@ -60,7 +60,7 @@ def quality() -> dict:
     out["subword_mean_init"] = rec.eval_before
     out["trained"] = rec.eval_after
     out["train"] = {"wall_s": round(wall, 1), "steps": rec.steps, "lr": rec.lr, "batch_size": rec.batch_size,
-                    "pooled": rec.pooled, "tokens_per_s": rec.tokens_per_s, "first_loss": rec.first_loss,
+                    "pooled": rec.pooled, "loop_s": rec.loop_s, "tokens_per_s": rec.tokens_per_s, "first_loss": rec.first_loss,
                     "final_loss": rec.final_loss, "contexts": rec.contexts}
     return out
 
@@ -136,10 +136,12 @@ def step_child(mode: str, steps: int, batch: int) -> dict:
     }
 
 
-def steps_compare(steps: int, batch: int) -> list[dict]:
+def steps_compare(steps: int, batch: int, threads: int | None = None) -> list[dict]:
     out = []
     for mode in ("extension", "full"):
         cmd = [sys.executable, __file__, "--child", mode, "--steps", str(steps), "--batch", str(batch)]
+        if threads:
+            cmd += ["--threads", str(threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise SystemExit(f"child {mode} failed:\n{res.stderr[-3000:]}")
@@ -149,7 +151,10 @@ def steps_compare(steps: int, batch: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------- report
 def markdown(q: dict | None, s: list[dict] | None) -> str:
-    lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads as default.", ""]
+    import torch
+
+    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads; "
+             f"load average at the end {os.getloadavg()[0]:.1f}.", ""]
     if q:
         lines += ["| rows | sentence cos mean | sentence cos min | token cos mean | retrieval |", "|---|---|---|---|---|"]
         for label, key in (("random (init normal)", "random_init"), ("subword-mean init", "subword_mean_init"),
@@ -159,7 +164,7 @@ def markdown(q: dict | None, s: list[dict] | None) -> str:
                          f"{r['token_cos_mean']:.3f} | {r['retrieval_accuracy']:.2f} |")
         t = q["train"]
         lines += ["", f"`train` defaults: {t['steps']} steps, batch {t['batch_size']}, lr {t['lr']}, pooled={t['pooled']}: "
-                  f"{t['wall_s']} s wall in all ({t['tokens_per_s']:.0f} tokens/s), loss {t['first_loss']:.4f} -> {t['final_loss']:.4f}", ""]
+                  f"{t['wall_s']} s wall for the whole call, {t['loop_s']:.0f} s of it in the steps ({t['tokens_per_s']:.0f} tokens/s), loss {t['first_loss']:.4f} -> {t['final_loss']:.4f}", ""]
     if s:
         lines += ["| training | trainable params | step (median) | peak memory growth | peak RSS |", "|---|---|---|---|---|"]
         for r in s:
@@ -180,14 +185,19 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per mode (after 3 warm-up steps)")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
     ap.add_argument("--child", choices=("extension", "full"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     if a.child:
         print(json.dumps(step_child(a.child, a.steps, a.batch)))
         return
     q = None if a.skip_quality else quality()
-    s = None if a.skip_steps else steps_compare(a.steps, a.batch)
+    s = None if a.skip_steps else steps_compare(a.steps, a.batch, a.threads)
     text = markdown(q, s)
     print(text)
     if a.json:

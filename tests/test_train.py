@@ -430,19 +430,18 @@ def test_ddp_two_processes_match_one(wordpiece_tokenizer, minilm_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- MiniLM, end to end
 @pytest.mark.slow
-def test_minilm_default_training_reaches_the_goal():
+def test_minilm_short_training_closes_most_of_the_gap():
+    """A quarter of the default compute (150 steps of 16) on the demo data; the full goal is perf/bench_train.py's."""
     from embdeploy.models import load_base
     from embdeploy.train import demo_file
 
     model, tok, info = load_base("minilm")
     ext = Extension(model, tok, info)
     ext.add(ExtensionConfig(tokens=read_texts(demo_file("terms.txt"))))
-    t0 = time.perf_counter()
-    rec = train(ext, demo_file("train.txt"), eval_texts=demo_file("heldout.txt"), progress=False)
-    took = time.perf_counter() - t0
+    rec = train(ext, demo_file("train.txt"), eval_texts=demo_file("heldout.txt"), steps=150, batch_size=16, progress=False)
     before, after = rec.eval_before, rec.eval_after
+    assert rec.pooled  # MiniLM has sentence-transformers pooling
     assert after["sentence_cos_mean"] > before["sentence_cos_mean"] + 0.1
-    assert after["sentence_cos_mean"] >= 0.93 and after["sentence_cos_min"] >= 0.8
+    assert after["sentence_cos_mean"] >= 0.92 and after["sentence_cos_min"] >= 0.75
     assert after["retrieval_accuracy"] >= 0.95
-    assert took < 240  # about 60-90 s on an idle 2-core machine; the margin is for shared CI machines
     ext.verify_base()

@@ -61,7 +61,9 @@ class TrainRecord:
     texts: int
     contexts: int
     tokens_without_context: list[str]
-    time_s: float
+    time_s: float  # the whole call: data preparation, evaluations and steps
+    loop_s: float  # the training steps alone
+    tokens: int  # tokens the student read (all processes)
     tokens_per_s: float
     world_size: int = 1
     resumed_from_step: int | None = None
@@ -358,10 +360,10 @@ def train(
         checkpoint(steps)
     ext.verify_base()
 
+    loop_time = time.perf_counter() - t_loop
     eval_after = None
     if evaluator is not None:
         eval_after = evaluator.run().to_json()
-    loop_time = time.perf_counter() - t_loop
     tail = history[-min(10, len(history)):] if history else []
     record = TrainRecord(
         objective=objective, steps=steps, lr=lr, batch_size=batch_size, layer=layer, pooled=pooled, loss_kind=loss,
@@ -369,6 +371,7 @@ def train(
         data_sha256=data_sha, texts=len(texts), contexts=len(examples),
         tokens_without_context=list(contexts.without_context),
         time_s=round(elapsed_before + time.perf_counter() - t0, 3),
+        loop_s=round(loop_time, 3), tokens=tokens_seen,
         tokens_per_s=round(tokens_seen / loop_time, 1) if loop_time > 0 and tokens_seen else 0.0,
         world_size=world, resumed_from_step=resumed_from, eval_before=eval_before, eval_after=eval_after,
         notes=notes, started_at=started, extension_fingerprint=ext.extension_fingerprint(),
