@@ -175,7 +175,7 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (warm-up then cosine decay) [default: per objective]."),
     batch_size: int = typer.Option(32, help="Global batch size (split over processes under torchrun)."),
     layer: int = typer.Option(-1, help="distill: hidden layer to match (-1 = last)."),
-    pooled: bool = typer.Option(False, help="distill: also match the pooled sentence embedding (sentence-transformers models)."),
+    pooled: Optional[bool] = typer.Option(None, "--pooled/--no-pooled", help="distill: also match the pooled sentence embedding [default: on for sentence-transformers models, which need it to keep pooled outputs close]."),
     seed: int = typer.Option(0, help="Seed; the same seed gives the same rows on CPU."),
     eval_texts: Optional[Path] = typer.Option(None, help="Held-out texts: print the quality report before and after."),
     checkpoint_dir: Optional[Path] = typer.Option(None, help="Write checkpoints here (safetensors + JSON)."),
@@ -186,15 +186,19 @@ def train(
     """Train only the new rows (base frozen and verified by fingerprint afterwards); the record goes into extension.json."""
     from .extend.model import load_extension
     from .fsutil import check_output_dir
+    from .train import init_distributed
     from .train import train as run_train
 
     if out_dir is not None:
         check_output_dir(out_dir, overwrite)
+    rank, _ = init_distributed()  # a no-op outside torchrun / accelerate launch
     ext = load_extension(ext_dir)
     rec = run_train(ext, texts, objective=objective.value, steps=steps, lr=lr, batch_size=batch_size, layer=layer,
                     pooled=pooled, seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                     resume=resume, eval_texts=eval_texts, console=console)
     target = out_dir or ext_dir
+    if rank != 0:
+        return  # every rank holds the same rows; only rank 0 writes
     ext.save(target, overwrite=True if out_dir is None else overwrite)
     if rec.tokens_without_context:
         out.print(f"[yellow]{len(rec.tokens_without_context)} token(s) had no context in the texts and trained on "

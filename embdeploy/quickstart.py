@@ -61,7 +61,7 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     from .extend.config import ExtensionConfig, read_token_file
     from .extend.model import Extension, load_extension
     from .models import load_base
-    from .train import evaluate, read_texts, train
+    from .train import read_texts, train
 
     console = console or Console()
     wd = Path(workdir)
@@ -99,17 +99,21 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     _stage(console, 2, total, "train the new rows (token distillation; the base stays frozen)")
     t = time.perf_counter()
     held = read_texts(eval_texts)
-    before = evaluate(ext, held)
+    from .train import Evaluator
+
+    evaluator = Evaluator(ext, held)  # the original-tokenization side is computed once
+    before = evaluator.run()
     res.quality_before = before.to_json()
     if (trained_dir / "extension.json").is_file():
         ext = load_extension(trained_dir)
+        evaluator = Evaluator(ext, held)
         console.print(f"reusing {trained_dir}")
     else:
         kwargs = {} if steps is None else {"steps": steps}
-        train(ext, read_texts(train_texts), **kwargs)
+        rec = train(ext, read_texts(train_texts), console=console, **kwargs)
         ext.save(trained_dir)
-        console.print(f"wrote {trained_dir}")
-    after = evaluate(ext, held)
+        console.print(f"trained {rec.steps} steps in {rec.time_s:.0f}s; wrote {trained_dir}")
+    after = evaluator.run()
     res.quality_after = after.to_json()
     after.render(console, before=before, title="held-out quality, subword-mean init → trained")
     res.seconds["train"] = time.perf_counter() - t

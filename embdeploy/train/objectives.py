@@ -79,7 +79,7 @@ class Objective:
 class Distill(Objective):
     """The extended model (student) against the original model on the original tokenization (teacher).
 
-    Token level (default): each aligned component contributes one error, the
+    Token level (pooled=False): each aligned component contributes one error, the
     student state at `layer` (mean over its student positions, a single position
     in practice) against the teacher's mean over the original pieces. In causal
     models the new token is compared with its *last* piece instead: that is the
