@@ -445,3 +445,20 @@ def test_minilm_short_training_closes_most_of_the_gap():
     assert after["sentence_cos_mean"] >= 0.92 and after["sentence_cos_min"] >= 0.75
     assert after["retrieval_accuracy"] >= 0.95
     ext.verify_base()
+
+
+def test_model_that_needs_decoder_inputs_is_refused_clearly(bpe_tokenizer):
+    import copy
+
+    from transformers import T5Config, T5Model
+
+    from embdeploy import extend_model
+    from embdeploy.errors import EmbdeployError
+    from embdeploy.train import train
+
+    tok = copy.deepcopy(bpe_tokenizer)
+    model = T5Model(T5Config(vocab_size=len(tok), d_model=32, d_ff=32, num_layers=1, num_heads=2, d_kv=16,
+                             decoder_start_token_id=0, pad_token_id=0))
+    ext = extend_model(model, tok, ["troponin"])
+    with pytest.raises(EmbdeployError, match="T5Model cannot run on input_ids and attention_mask alone"):
+        train(ext, ["the troponin rose"], steps=2, progress=False)

@@ -198,6 +198,15 @@ def _check_args(objective, steps, lr, batch_size, layer, pooled, checkpoint_ever
     raise_all(problems, "cannot train:")
 
 
+def _unsupported_forward(ext, e: Exception) -> EmbdeployError:
+    # e.g. T5 needs decoder inputs: the model cannot run on input_ids + attention_mask alone.
+    return EmbdeployError(
+        f"{type(ext.model).__name__} cannot run on input_ids and attention_mask alone ({str(e).splitlines()[0]}); "
+        "embdeploy train supports models whose forward needs only those (encoders, decoders, BartModel). "
+        "Train the rows in your own loop with ext.extension_parameters() instead."
+    )
+
+
 def train(
     ext,
     texts,
@@ -253,7 +262,10 @@ def train(
     console = console or _console()
     show = progress and rank == 0
 
-    causal = is_causal(ext.model)
+    try:
+        causal = is_causal(ext.model)
+    except (ValueError, TypeError) as e:
+        raise _unsupported_forward(ext, e) from None
     contexts = harvest_contexts(ext, texts, max_per_token=max_contexts_per_token, seed=seed)
     examples = [e for e in build_examples(ext, contexts.texts, causal) if e.new_positions]
     # A token whose every context lost it to truncation gets synthetic ones too, and is reported.
@@ -263,7 +275,10 @@ def train(
         contexts.without_context += [t for t in lost if t not in contexts.without_context]
         extra = [s.format(t=t) for t in lost for s in SYNTHETIC]
         examples += [e for e in build_examples(ext, extra, causal) if e.new_positions]
-    obj = make_objective(objective, ext, examples, causal, pad_id(ext.tokenizer), layer=layer, pooled=pooled, loss=loss)
+    try:
+        obj = make_objective(objective, ext, examples, causal, pad_id(ext.tokenizer), layer=layer, pooled=pooled, loss=loss)
+    except (ValueError, TypeError) as e:
+        raise _unsupported_forward(ext, e) from None
     params = obj.parameters()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=BETAS)
     data_sha = texts_digest(texts)
