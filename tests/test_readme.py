@@ -45,3 +45,21 @@ def test_python_api_example_runs(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "(1, 384)" in p.stdout
     assert (tmp_path / "clinical-onnx" / "embdeploy.json").is_file()
+
+
+@pytest.mark.slow
+def test_readme_console_commands_run_as_written(tmp_path):
+    """Every `$ ...` line of the README's console examples (except quickstart and serve) runs, in order, and succeeds."""
+    import shutil
+
+    lines = [ln[2:] for b in _blocks("console") for ln in b.splitlines() if ln.startswith("$ ")]
+    commands = [c for c in lines if not c.startswith(("embdeploy quickstart", "embdeploy serve"))]
+    assert any(c.startswith("embdeploy export") for c in commands) and any("--baseline" in c for c in commands)
+    shutil.copytree(ROOT / "embdeploy" / "data", tmp_path / "embdeploy" / "data")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", EMBDEPLOY_CACHE=str(tmp_path / "cache"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    for cmd in commands:
+        cmd = cmd.split("   #", 1)[0]
+        p = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+        assert p.returncode == 0, f"{cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    assert (tmp_path / "bench.png").is_file() and (tmp_path / "baseline.json").is_file()
