@@ -23,6 +23,23 @@ CORPUS = [
 ] * 20
 
 
+@pytest.fixture
+def one_thread(request):
+    """Tiny models on 1 torch thread: hand-offs cost more than the matmuls (much more on a busy machine).
+
+    Tests marked slow (real MiniLM) keep the default thread count.
+    """
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def minilm_dir():
     from embdeploy.models import packaged_minilm_dir

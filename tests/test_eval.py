@@ -15,16 +15,7 @@ from embdeploy.extend.model import Extension
 from embdeploy.train import Evaluator, QualityReport, evaluate, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    # Tiny models: thread hand-offs cost more than the matmuls (much more on a busy machine).
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # "ﬀoo" is one [UNK] for the uncased word-piece tokenizer: copying the [UNK] row makes the

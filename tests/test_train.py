@@ -24,16 +24,7 @@ from embdeploy.train.checkpoint import latest_checkpoint, list_checkpoints
 from embdeploy.train.texts import harvest_contexts
 
 
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    # Tiny models: thread hand-offs cost more than the matmuls (much more on a busy machine).
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NEW_WP = ["hyperkalemia", "troponin", "echocardiogram"]

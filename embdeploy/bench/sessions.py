@@ -11,18 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EmbdeployError
+from ..ortimport import import_ort
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise EmbdeployError(
-            "onnxruntime is not installed; install `embdeploy[cpu]` (or `embdeploy[gpu]` on a CUDA machine)"
-        ) from None
-    return onnxruntime
+ort = import_ort  # kept as a name: callers in this package use it
 
 
 def provider_name(provider: str) -> str:

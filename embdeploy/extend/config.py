@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from ..errors import EmbdeployError, raise_all
 
@@ -36,7 +36,6 @@ class ExtensionConfig:
     init_source: str | None = None
     seed: int = 0
     strict: bool = False  # tokens already in the vocabulary: error instead of skip
-    notes: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         problems = []
@@ -58,7 +57,6 @@ class ExtensionConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("tokens")
-        d.pop("notes")
         return d
 
 

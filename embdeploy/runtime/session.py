@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EmbdeployError, raise_all
+from ..ortimport import import_ort
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,7 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 _UNBOUNDED = 1_000_000  # tokenizers without a limit report model_max_length = 1e30
 
 
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise EmbdeployError(
-            "onnxruntime is not installed; install `embdeploy[cpu]` (or `embdeploy[gpu]` on a CUDA machine)"
-        ) from None
-    return onnxruntime
+_ort = import_ort  # kept as a name: callers in this package use it
 
 
 # --------------------------------------------------------------------------- providers
