@@ -181,6 +181,7 @@ def train(
     checkpoint_dir: Optional[Path] = typer.Option(None, help="Write checkpoints here (safetensors + JSON)."),
     checkpoint_every: int = typer.Option(0, help="Checkpoint every N steps (0: only at the end when --checkpoint-dir is set)."),
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --checkpoint-dir."),
+    device: str = typer.Option("auto", help="auto: the GPU when torch sees one (cuda:LOCAL_RANK under torchrun), else the CPU; or cpu, cuda, cuda:N."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
     """Train only the new rows (base frozen and verified by fingerprint afterwards); the record goes into extension.json."""
@@ -195,7 +196,7 @@ def train(
     ext = load_extension(ext_dir)
     rec = run_train(ext, texts, objective=objective.value, steps=steps, lr=lr, batch_size=batch_size, layer=layer,
                     pooled=pooled, seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                    resume=resume, eval_texts=eval_texts, console=console)
+                    resume=resume, eval_texts=eval_texts, console=console, device=device)
     target = out_dir or ext_dir
     if rank != 0:
         return  # every rank holds the same rows; only rank 0 writes
@@ -203,8 +204,8 @@ def train(
     if rec.tokens_without_context:
         out.print(f"[yellow]{len(rec.tokens_without_context)} token(s) had no context in the texts and trained on "
                   f"synthetic contexts:[/] {', '.join(rec.tokens_without_context[:10])}")
-    out.print(f"[green]wrote[/] {target}: {rec.objective}, {rec.steps} steps, loss {rec.first_loss:.4g} → {rec.final_loss:.4g}, "
-              f"{rec.time_s:.0f}s ({rec.tokens_per_s:.0f} tokens/s); base rows verified unchanged")
+    out.print(f"[green]wrote[/] {target}: {rec.objective}, {rec.steps} steps on {rec.device}, loss {rec.first_loss:.4g} → "
+              f"{rec.final_loss:.4g}, {rec.time_s:.0f}s ({rec.tokens_per_s:.0f} tokens/s); base rows verified unchanged")
 
 
 # ------------------------------------------------------------------------------------------ eval

@@ -46,7 +46,7 @@ def _ext(init="subword-mean"):
     return ext
 
 
-def quality() -> dict:
+def quality(device: str = "cpu") -> dict:
     from embdeploy.train import Evaluator, demo_file, read_texts, train
 
     held, texts = read_texts(demo_file("heldout.txt")), read_texts(demo_file("train.txt"))
@@ -55,13 +55,13 @@ def quality() -> dict:
     out["random_init"] = Evaluator(ext, held).run().to_json()
     ext = _ext()
     t0 = time.perf_counter()
-    rec = train(ext, texts, eval_texts=held, progress=False)
+    rec = train(ext, texts, eval_texts=held, progress=False, device=device)
     wall = time.perf_counter() - t0
     out["subword_mean_init"] = rec.eval_before
     out["trained"] = rec.eval_after
     out["train"] = {"wall_s": round(wall, 1), "steps": rec.steps, "lr": rec.lr, "batch_size": rec.batch_size,
                     "pooled": rec.pooled, "loop_s": rec.loop_s, "tokens_per_s": rec.tokens_per_s, "first_loss": rec.first_loss,
-                    "final_loss": rec.final_loss, "contexts": rec.contexts}
+                    "final_loss": rec.final_loss, "contexts": rec.contexts, "device": rec.device}
     return out
 
 
@@ -93,7 +93,7 @@ def _reset_hwm() -> bool:
         return False
 
 
-def step_child(mode: str, steps: int, batch: int) -> dict:
+def step_child(mode: str, steps: int, batch: int, device: str = "cpu") -> dict:
     import torch
 
     from embdeploy.train import demo_file, read_texts
@@ -102,6 +102,8 @@ def step_child(mode: str, steps: int, batch: int) -> dict:
     from embdeploy.train.texts import harvest_contexts
 
     ext = _ext()
+    ext.model.to(device)
+    cuda = ext.model.device.type == "cuda"
     ctx = harvest_contexts(ext, read_texts(demo_file("train.txt")))
     examples = build_examples(ext, ctx.texts, causal=False)
     obj = make_objective("distill", ext, examples, False, pad_id(ext.tokenizer))
@@ -119,15 +121,24 @@ def step_child(mode: str, steps: int, batch: int) -> dict:
     times = []
     rss0 = _rss_now()
     reset = _reset_hwm()
+    if cuda:
+        torch.cuda.synchronize()
+        gpu0 = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     for s in range(steps + 3):
         t0 = time.perf_counter()
         loss, n_tok = obj.loss(module, items, s, 0, 1.0 / batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()  # the step is done when the device is
         if s >= 3:  # warm-up steps are not timed
             times.append(time.perf_counter() - t0)
-    return {
+    gpu = {}
+    if cuda:
+        gpu = {"gpu": torch.cuda.get_device_name(), "gpu_peak_growth_mb": round((torch.cuda.max_memory_allocated() - gpu0) / MB, 1)}
+    return {**gpu, "device": str(ext.model.device),
         "mode": mode, "trainable_params": n_params, "batch": batch, "tokens": n_tok,
         "step_ms_median": round(1000 * statistics.median(times), 1), "step_ms_min": round(1000 * min(times), 1),
         "rss_before_mb": round(rss0 / MB, 1), "peak_rss_mb": round(_hwm() / MB, 1),
@@ -136,10 +147,10 @@ def step_child(mode: str, steps: int, batch: int) -> dict:
     }
 
 
-def steps_compare(steps: int, batch: int, threads: int | None = None) -> list[dict]:
+def steps_compare(steps: int, batch: int, threads: int | None = None, device: str = "cpu") -> list[dict]:
     out = []
     for mode in ("extension", "full"):
-        cmd = [sys.executable, __file__, "--child", mode, "--steps", str(steps), "--batch", str(batch)]
+        cmd = [sys.executable, __file__, "--child", mode, "--steps", str(steps), "--batch", str(batch), "--device", device]
         if threads:
             cmd += ["--threads", str(threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -163,13 +174,18 @@ def markdown(q: dict | None, s: list[dict] | None) -> str:
             lines.append(f"| {label} | {r['sentence_cos_mean']:.3f} | {r['sentence_cos_min']:.3f} | "
                          f"{r['token_cos_mean']:.3f} | {r['retrieval_accuracy']:.2f} |")
         t = q["train"]
-        lines += ["", f"`train` defaults: {t['steps']} steps, batch {t['batch_size']}, lr {t['lr']}, pooled={t['pooled']}: "
+        lines += ["", f"`train` defaults on {t.get('device', 'cpu')}: {t['steps']} steps, batch {t['batch_size']}, lr {t['lr']}, pooled={t['pooled']}: "
                   f"{t['wall_s']} s wall for the whole call, {t['loop_s']:.0f} s of it in the steps ({t['tokens_per_s']:.0f} tokens/s), loss {t['first_loss']:.4f} -> {t['final_loss']:.4f}", ""]
     if s:
+        gpu = "gpu_peak_growth_mb" in s[0]
+        if gpu:
+            lines += [f"Steps on {s[0]['gpu']} ({s[0]['device']}); memory is the growth of torch's peak allocated GPU memory.", ""]
+            for r in s:
+                r["peak_growth_mb"] = r["gpu_peak_growth_mb"]
         lines += ["| training | trainable params | step (median) | peak memory growth | peak RSS |", "|---|---|---|---|---|"]
         for r in s:
             growth = "n/a" if r["peak_growth_mb"] is None else f"{r['peak_growth_mb']:.0f} MiB"
-            lines.append(f"| {r['mode']} | {r['trainable_params']:,} | {r['step_ms_median']:.0f} ms | {growth} | {r['peak_rss_mb']:.0f} MiB |")
+            lines.append(f"| {r['mode']} | {r['trainable_params']:,} | {r['step_ms_median']:.1f} ms | {growth} | {r['peak_rss_mb']:.0f} MiB |")
         e, f = s
         lines += ["", f"Same batch ({e['batch']} contexts, {e['tokens']} tokens): full fine-tuning takes "
                   f"{f['step_ms_median'] / e['step_ms_median']:.2f}x the step time"
@@ -186,6 +202,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per mode (after 3 warm-up steps)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (train and the step comparison)")
     ap.add_argument("--child", choices=("extension", "full"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -194,10 +211,10 @@ def main(argv=None) -> None:
 
         torch.set_num_threads(a.threads)
     if a.child:
-        print(json.dumps(step_child(a.child, a.steps, a.batch)))
+        print(json.dumps(step_child(a.child, a.steps, a.batch, a.device)))
         return
-    q = None if a.skip_quality else quality()
-    s = None if a.skip_steps else steps_compare(a.steps, a.batch, a.threads)
+    q = None if a.skip_quality else quality(a.device)
+    s = None if a.skip_steps else steps_compare(a.steps, a.batch, a.threads, a.device)
     text = markdown(q, s)
     print(text)
     if a.json:

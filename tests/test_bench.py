@@ -27,6 +27,7 @@ from embdeploy.errors import EmbdeployError, RegressionDetected
 
 V, K, H = 4096, 64, 64  # a 1 MiB base table: big enough for memory to show, small enough to be quick
 SHAPES = ((1, 4), (2, 8))
+PROVIDERS_HERE = ("cpu",) if cuda_unavailable_reason() else ("cpu", "cuda")  # what the `result` run can time
 
 SIGNATURE = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -112,10 +113,11 @@ def result(exports):
 def test_every_variant_shape_and_mix_is_timed(result):
     keys = {(r.provider, r.shape, r.variant, r.mix) for r in result.latency}
     expected = set()
-    for shape in ("1x4", "2x8"):
-        expected |= {("cpu", shape, "base", BASE_MIX), ("cpu", shape, "base:copy", BASE_MIX)}
-        for variant in ("merged", "split", "swap"):
-            expected |= {("cpu", shape, variant, BASE_MIX), ("cpu", shape, variant, NEW_MIX)}
+    for provider in PROVIDERS_HERE:
+        for shape in ("1x4", "2x8"):
+            expected |= {(provider, shape, "base", BASE_MIX), (provider, shape, "base:copy", BASE_MIX)}
+            for variant in ("merged", "split", "swap"):
+                expected |= {(provider, shape, variant, BASE_MIX), (provider, shape, variant, NEW_MIX)}
     assert keys == expected
     assert [v.label for v in result.variants] == ["base:copy", "merged", "split", "swap"]
     for r in result.latency:
@@ -136,7 +138,7 @@ def test_settings_record_threads_and_method(result):
     s = result.settings
     assert s["threads"] == 1 and s["inter_op_threads"] == 1 and s["execution_mode"] == "sequential"
     assert s["rounds"] == 9 and s["shapes"] == ["1x4", "2x8"]
-    assert set(s["inner"]) == {"cpu/1x4", "cpu/2x8"}
+    assert set(s["inner"]) == {f"{p}/{shape}" for p in PROVIDERS_HERE for shape in ("1x4", "2x8")}
     assert result.machine["onnxruntime"]
 
 
@@ -155,18 +157,19 @@ def test_cuda_skipped_with_reason_when_unavailable(result):
 
 
 def test_session_cost_is_measured_per_variant_in_a_child(result):
-    assert [c.variant for c in result.sessions] == ["base", "base:copy", "merged", "split", "swap"]
-    for c in result.sessions:
+    cpu = [c for c in result.sessions if c.provider == "cpu"]
+    assert [c.variant for c in cpu] == ["base", "base:copy", "merged", "split", "swap"]
+    for c in cpu:
         assert c.create_s > 0 and c.peak_mb > 0 and c.rss_mb > 0
         assert c.gpu_mb is None
     # split folds Concat(base, ext) into a private (V+K, H) table; the others map the file.
-    split = next(c for c in result.sessions if c.variant == "split")
-    merged = next(c for c in result.sessions if c.variant == "merged")
+    split = next(c for c in cpu if c.variant == "split")
+    merged = next(c for c in cpu if c.variant == "merged")
     assert split.private_mb > merged.private_mb + 0.5 * (V + K) * H * 4 / 2**20
 
 
 def test_n_swap_sessions_share_one_base(result):
-    rows = {r.config: r for r in result.multi}
+    rows = {r.config: r for r in result.multi if r.provider == "cpu"}
     assert set(rows) == {"swap", "merged", "swap (no prepacking)", "merged (no prepacking)"}
     swap, merged = rows["swap"], rows["merged"]
     assert swap.n == merged.n == 2
@@ -210,7 +213,7 @@ def test_session_cost_child_reports_positive_numbers(exports):
 def test_markdown_and_plot_are_written(result, tmp_path):
     md = write_markdown(result, tmp_path / "r" / "bench.md").read_text()
     assert "## Latency (cpu)" in md and "| 2x8 | swap | new-ids |" in md
-    assert "## 2 sessions in one process" in md and "## Skipped" in md
+    assert "## 2 sessions in one process" in md and ("## Skipped" in md) == bool(result.skipped)
     png = write_plot(result, tmp_path / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

@@ -453,3 +453,22 @@ def test_model_that_needs_decoder_inputs_is_refused_clearly(bpe_tokenizer):
     ext = extend_model(model, tok, ["troponin"])
     with pytest.raises(EmbdeployError, match="T5Model cannot run on input_ids and attention_mask alone"):
         train(ext, ["the troponin rose"], steps=2, progress=False)
+
+
+# --------------------------------------------------------------------------- device
+
+
+def test_device_is_recorded_and_bad_devices_are_refused(wordpiece_tokenizer, bpe_tokenizer):
+    ext = make_ext("bert", wordpiece_tokenizer, bpe_tokenizer)
+    rec = train(ext, corpus(NEW_WP), steps=2, batch_size=4, progress=False, device="cpu")
+    assert rec.device == "cpu" and ext.training_records[-1]["device"] == "cpu"
+    for bad, says in (("tpu", "unknown device 'tpu'"), ("meta", "not supported"), ("cuda:7", None)):
+        if bad == "cuda:7" and torch.cuda.device_count() > 7:
+            continue
+        with pytest.raises(EmbdeployError, match=says or "cuda:7") as info:
+            train(ext, corpus(NEW_WP), steps=2, batch_size=4, progress=False, device=bad)
+        assert "cpu" in str(info.value)  # the fix: a device that works
+    if not torch.cuda.is_available():
+        with pytest.raises(EmbdeployError, match="sees no CUDA GPU"):
+            train(ext, corpus(NEW_WP), steps=2, batch_size=4, progress=False, device="cuda")
+        assert train(ext, corpus(NEW_WP), steps=1, batch_size=4, progress=False).device == "cpu"  # auto

@@ -269,3 +269,19 @@ def test_base_export_validates_on_base_probes(split_export):
     assert report.passed and report.mode == "base" and report.new_ids_checked == 0
     assert {c.probe for c in report.checks} == {"base only", "padding", "one token"}
     assert all(c.shape[-1] == ext.V for c in report.checks)  # logits over the base vocabulary
+
+
+def test_a_session_that_fell_back_to_cpu_is_refused():
+    # ORT only logs a warning when CUDA cannot start and runs on the CPU; a "CUDA validation" must not pass that way.
+    from embdeploy.ortimport import require_provider, wants_cuda
+
+    class FellBack:
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    with pytest.raises(EmbdeployError, match=r"could not start CUDAExecutionProvider for m.onnx \(the session would "
+                                             r"run on CPUExecutionProvider\).*onnxruntime-gpu\[cuda,cudnn\]"):
+        require_provider(FellBack(), "CUDAExecutionProvider", "m.onnx")
+    require_provider(FellBack(), "CPUExecutionProvider", "m.onnx")
+    assert wants_cuda([("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
+    assert not wants_cuda(["CPUExecutionProvider"])

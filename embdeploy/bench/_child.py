@@ -62,12 +62,12 @@ def measure_multi(spec: dict) -> dict:
     if mode == "swap":
         ext = inits[spec["ext_name"]]
         base = tables.find_table(inits, V, H, exclude={ext.name})
-        template = rng.standard_normal(ext.dims, dtype=np.float32)
+        template = rng.standard_normal(ext.dims).astype(tables.numpy_dtype(ext))
         per_table = template.nbytes
         shared_bytes = V * H * template.itemsize
     else:
         table = tables.find_table(inits, V + K, H)
-        template = rng.standard_normal(table.dims, dtype=np.float32)
+        template = rng.standard_normal(table.dims).astype(tables.numpy_dtype(table))
         per_table = template.nbytes
         shared_bytes = 0
 
@@ -123,10 +123,85 @@ def measure_multi(spec: dict) -> dict:
     }
 
 
+def measure_multi_cuda(spec: dict) -> dict:
+    """N CUDA sessions in this process, each with a different extension: GPU memory per session.
+
+    The CUDA provider copies every initializer to the device, so a base table
+    that N CPU sessions share through one memory map is N copies on the GPU.
+    With share_base, the swap sessions get the base table as one OrtValue that
+    already lives on the device (SessionOptions.add_initializer), which is the
+    way to share it there; if this ORT refuses that, the row says so.
+    """
+    model, mode, n = spec["model"], spec["mode"], spec["n"]
+    V, K, H, threads = spec["V"], spec["K"], spec["H"], spec["threads"]
+    inits = tables.initializers(model)
+    rt = sessions.ort(cuda=True)
+    rng = np.random.default_rng(0)
+    if mode == "swap":
+        own_info = inits[spec["ext_name"]]
+        base = tables.find_table(inits, V, H, exclude={own_info.name})
+    else:
+        own_info = tables.find_table(inits, V + K, H)
+    dtype = tables.numpy_dtype(own_info)
+    template = rng.standard_normal(own_info.dims).astype(dtype)
+    keep: list = []
+    shared_value, sharing = None, "none: each session copies the base table to the GPU"
+    if mode == "swap" and spec.get("share_base"):
+        table = np.ascontiguousarray(tables.read_table(model, base))
+        shared_value = rt.OrtValue.ortvalue_from_numpy(table, "cuda", 0)
+        keep.append((table, shared_value))
+        sharing = "one device OrtValue for all sessions (add_initializer)"
+    elif mode != "swap":
+        sharing = "none: a private table per session"
+    ids = token_ids(1, 16, V, K, NEW_MIX, 0.25, 0)
+    live, gpu = [], []
+    before = procmem.status()
+    t0 = time.perf_counter()
+    for i in range(n):
+        own = template.copy()
+        own.flat[0] += i  # a different table per session
+        if mode == "swap":
+            so = sessions.swap_options(own_info.name, own, threads, keep)
+        else:
+            so = sessions.session_options(threads)
+            sessions.add_table(so, own_info.name, own, keep)
+        if shared_value is not None:
+            so.add_initializer(base.name, shared_value)
+        sess = sessions.create_session(model, "cuda", threads, so=so)
+        if "CUDAExecutionProvider" not in sess.get_providers():
+            return {"error": f"onnxruntime fell back to {sess.get_providers()}: no usable CUDA device"}
+        sess.run(None, session_feed(sess, ids))
+        live.append(sess)
+        gpu.append(procmem.gpu_used_mb())
+    create_s = time.perf_counter() - t0
+    after = procmem.status()
+    per_table = template.nbytes
+    known = all(g is not None for g in gpu)
+    return {
+        "create_s": create_s,
+        "rss_mb": (after["rss"] - before["rss"]) / MB,
+        "private_mb": (after["private"] - before["private"]) / MB,
+        "mapped_mb": 0.0,
+        "footprint_mb": (after["private"] - before["private"]) / MB,
+        "tables_mb": n * per_table / MB,
+        "shared_mb": (V * H * template.itemsize / MB) if shared_value is not None else 0.0,
+        "overhead_per_session_mb": 0.0,
+        "sharing": sharing,
+        "provider": "cuda",
+        "gpu_mb": gpu[-1] if known else None,
+        "gpu_per_session_mb": ((gpu[-1] - gpu[0]) / (n - 1)) if known and n > 1 else None,
+    }
+
+
 def main(argv: list[str]) -> int:
     command, spec = argv[0], json.loads(argv[1])
     try:
-        out = measure_session(spec) if command == "session" else measure_multi(spec)
+        if command == "session":
+            out = measure_session(spec)
+        elif spec.get("provider", "cpu") == "cuda":
+            out = measure_multi_cuda(spec)
+        else:
+            out = measure_multi(spec)
     except Exception as e:  # reported to the parent, which raises it with context
         out = {"error": f"{type(e).__name__}: {e}"}
     sys.stdout.write("\n" + json.dumps(out) + "\n")

@@ -130,3 +130,23 @@ def gpu_used_mb(pid: int | None = None) -> float | None:
                 return None
     # In a container nvidia-smi may not see this PID namespace: say "unknown", not 0.
     return total if found else None
+
+
+def gpu_description() -> str | None:
+    """'NAME, N MiB, driver D' for the first GPU, from nvidia-smi; None without one."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout.strip().splitlines()
+    except (subprocess.SubprocessError, OSError):
+        return None
+    if not out:
+        return None
+    name, memory, driver = (x.strip() for x in (out[0].split(",") + ["", ""])[:3])
+    return f"{name}, {memory}, driver {driver}"

@@ -71,15 +71,25 @@ def render_memory_table(result: BenchResult):
     if result.multi:
         t = Table(title=f"{result.multi[0].n} sessions in one process, each with a different extension",
                   caption="footprint = private + mapped (counted once): resident size once every row has been used")
-        for col in ("config", "base shared by", "create s", "footprint MB", "tables MB", "shared MB", "rest/session MB"):
+        gpu = any(m.provider == "cuda" for m in result.multi)
+        cols = ["config", "base shared by", "create s", "footprint MB", "tables MB", "shared MB", "rest/session MB"]
+        for col in cols + (["GPU MB", "GPU MB/session"] if gpu else []):
             t.add_column(col, justify="left" if col in ("config", "base shared by") else "right")
         for m in result.multi:
-            t.add_row(m.config, m.sharing, f"{m.create_s:.2f}", f"{m.footprint_mb:.0f}", f"{m.tables_mb:.0f}",
-                      f"{m.shared_mb:.0f}", f"{m.overhead_per_session_mb:.1f}")
+            cpu = m.provider == "cpu"
+            row = [m.config, m.sharing, f"{m.create_s:.2f}", f"{m.footprint_mb:.0f}" if cpu else "-",
+                   f"{m.tables_mb:.0f}", f"{m.shared_mb:.0f}", f"{m.overhead_per_session_mb:.1f}" if cpu else "-"]
+            if gpu:
+                row += [_mb(m.gpu_mb), _mb(m.gpu_per_session_mb)]
+            t.add_row(*row)
         parts.append(t)
     for s in result.skipped:
         parts.append(Text.assemble((f"skipped {s.what}: ", "yellow"), s.reason))
     return Group(*parts) if parts else None
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def markdown(result: BenchResult) -> str:
@@ -90,8 +100,8 @@ def markdown(result: BenchResult) -> str:
         out.append(f"{v.label}: `{v.path}` ({v.mode}, K={v.K})  ")
     out += [
         "",
-        f"Machine: {m.get('cpu')}, {m.get('usable_cores')} usable cores, onnxruntime {m.get('onnxruntime')}, "
-        f"{m.get('date')}.  ",
+        f"Machine: {m.get('cpu')}, {m.get('usable_cores')} usable cores, "
+        + (f"GPU {m['gpu']}, " if m.get("gpu") else "") + f"onnxruntime {m.get('onnxruntime')}, {m.get('date')}.  ",
         f"Settings: {s.get('threads')} intra-op thread(s), 1 inter-op, sequential; {s.get('warmup')} warm-up calls and "
         f"{s.get('rounds')} rounds per shape over {s.get('session_blocks')} sets of fresh sessions; new-ids mix: "
         f"{s.get('new_fraction', 0):.0%} of positions hold new ids.",
@@ -134,9 +144,22 @@ def markdown(result: BenchResult) -> str:
                 "| config | base shared by | create s | footprint MB | tables MB | shared MB | rest/session MB | RSS MB |",
                 "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in result.multi:
-            out.append(f"| {r.config} | {r.sharing} | {r.create_s:.2f} | {r.footprint_mb:.0f} | {r.tables_mb:.0f} | "
-                       f"{r.shared_mb:.0f} | {r.overhead_per_session_mb:.1f} | {r.rss_mb:.0f} |")
+            if r.provider == "cpu":
+                out.append(f"| {r.config} | {r.sharing} | {r.create_s:.2f} | {r.footprint_mb:.0f} | {r.tables_mb:.0f} | "
+                           f"{r.shared_mb:.0f} | {r.overhead_per_session_mb:.1f} | {r.rss_mb:.0f} |")
         out.append("")
+        gpu_rows = [r for r in result.multi if r.provider == "cuda"]
+        if gpu_rows:
+            out += [f"### On the GPU ({n} CUDA sessions in one process)", "",
+                    "GPU MB: device memory the process holds with all sessions open (nvidia-smi), CUDA context "
+                    "included. GPU MB/session: (GPU MB with N sessions − with 1) / (N − 1), what each further "
+                    "tenant costs on the device.", "",
+                    "| config | base shared by | create s | tables MB | GPU MB | GPU MB/session |",
+                    "|---|---|---:|---:|---:|---:|"]
+            for r in gpu_rows:
+                out.append(f"| {r.config} | {r.sharing} | {r.create_s:.2f} | {r.tables_mb:.0f} | {_mb(r.gpu_mb)} | "
+                           f"{_mb(r.gpu_per_session_mb)} |")
+            out.append("")
     if result.skipped:
         out += ["## Skipped", ""] + [f"- **{s.what}**: {s.reason}" for s in result.skipped] + [""]
     return "\n".join(out)
@@ -178,7 +201,7 @@ def write_plot(result: BenchResult, path) -> Path:
 
     path = Path(path)
     providers = sorted({r.provider for r in result.latency})
-    panels = 2 * len(providers) + (1 if result.multi else 0)
+    panels = 2 * len(providers) + (1 if any(m.provider == "cpu" for m in result.multi) else 0)
     if panels == 0:
         raise EmbdeployError("nothing to plot: the run has no latency rows and no session measurements")
     colors = _colors(result)
@@ -231,25 +254,26 @@ def write_plot(result: BenchResult, path) -> Path:
         ax_ratio.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
         ax_ratio.set_xlim(-0.5, len(shapes) - 0.5)
 
-    if result.multi:
+    cpu_multi = [m for m in result.multi if m.provider == "cpu"]
+    if cpu_multi:
         ax = axes.pop(0)
-        names = [m.config for m in result.multi]
+        names = [m.config for m in cpu_multi]
         y = np.arange(len(names))
-        shared = np.array([m.shared_mb for m in result.multi])
-        tables = np.array([m.tables_mb for m in result.multi])
-        rest = np.array([max(0.0, m.footprint_mb - m.shared_mb - m.tables_mb) for m in result.multi])
+        shared = np.array([m.shared_mb for m in cpu_multi])
+        tables = np.array([m.tables_mb for m in cpu_multi])
+        rest = np.array([max(0.0, m.footprint_mb - m.shared_mb - m.tables_mb) for m in cpu_multi])
         ax.barh(y, shared, color=MODE_COLORS["base"], label="base table (once)")
         ax.barh(y, tables, left=shared, color="#f59e0b", label="per-session tables")
         ax.barh(y, rest, left=shared + tables, color="#cbd5e1", label="rest (session overhead, other weights)")
-        for yi, m in zip(y, result.multi):
+        for yi, m in zip(y, cpu_multi):
             ax.text(m.footprint_mb, yi, f"  {m.footprint_mb:.0f} MB", va="center", fontsize=9)
         ax.set_yticks(y, names)
         ax.invert_yaxis()
         ax.set_xlabel("MB once every row has been used (private + mapped, shared pages counted once)")
-        ax.set_title(f"{result.multi[0].n} sessions in one process, a different extension each", loc="left",
+        ax.set_title(f"{cpu_multi[0].n} sessions in one process, a different extension each", loc="left",
                      fontweight="bold")
         ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
-        ax.set_xlim(0, max(m.footprint_mb for m in result.multi) * 1.18)
+        ax.set_xlim(0, max(m.footprint_mb for m in cpu_multi) * 1.18)
 
     m = result.machine
     fig.suptitle(f"embdeploy bench: {m.get('cpu')}, onnxruntime {m.get('onnxruntime')}, "

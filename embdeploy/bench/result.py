@@ -76,6 +76,9 @@ class MultiSessionRow:
     tables_mb: float  # the per-session tables the caller supplied, all N
     shared_mb: float  # the base table, counted once
     overhead_per_session_mb: float  # (footprint - tables - shared) / n
+    provider: str = "cpu"
+    gpu_mb: float | None = None  # CUDA: device memory the process holds with all N sessions (nvidia-smi)
+    gpu_per_session_mb: float | None = None  # CUDA: (gpu_mb with N sessions - with 1) / (N - 1)
 
 
 @dataclass

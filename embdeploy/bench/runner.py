@@ -9,7 +9,7 @@ import time
 from typing import Callable, Iterable
 
 from ..errors import EmbdeployError
-from . import memory
+from . import memory, procmem
 from . import sessions as ortsess
 from .artifacts import OnnxArtifact, resolve_artifacts, variant_labels
 from .inputs import BASE_MIX, NEW_MIX, session_feed, token_ids
@@ -133,6 +133,8 @@ def run_bench(
 
     if sessions > 0:
         _multi(result, arts, sessions, threads, say)
+        if any(r.provider == "cuda" for r in result.latency):
+            _multi_cuda(result, arts, sessions, threads, say)
     return result
 
 
@@ -233,6 +235,19 @@ def _multi(result: BenchResult, arts, n: int, threads: int, say: Progress) -> No
                 result.multi.append(memory.multi_session(by_mode[mode], n, threads, prepacking))
 
 
+def _multi_cuda(result: BenchResult, arts, n: int, threads: int, say: Progress) -> None:
+    by_mode = {a.mode: a for _, a in arts}
+    for mode, share in (("swap", False), ("swap", True), ("merged", False)):
+        if mode not in by_mode:
+            continue
+        say(f"cuda: {n} {mode} sessions in one process{' (base shared on the device)' if share else ''}")
+        try:
+            result.multi.append(memory.multi_session(by_mode[mode], n, threads, True, provider="cuda", share_base=share))
+        except EmbdeployError as e:
+            result.skipped.append(Skipped(f"cuda: {n} {mode} sessions{' (base shared on the device)' if share else ''}",
+                                          str(e)))
+
+
 def _info(label: str, a: OnnxArtifact) -> VariantInfo:
     return VariantInfo(label=label, mode=a.mode, path=str(a.path), V=a.V, K=a.K, H=a.H)
 
@@ -256,4 +271,5 @@ def machine_info() -> dict:
         "cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable, "platform": platform.platform(),
         "python": platform.python_version(), "onnxruntime": rt.__version__,
         "ort_providers": rt.get_available_providers(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "gpu": procmem.gpu_description() if "CUDAExecutionProvider" in rt.get_available_providers() else None,
     }

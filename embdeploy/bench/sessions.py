@@ -50,7 +50,7 @@ def provider_list(provider: str):
 
 
 def create_session(model_path, provider: str = "cpu", threads: int = 1, so=None):
-    rt = ort()
+    rt = ort(cuda=provider_name(provider) == "CUDAExecutionProvider")
     so = so if so is not None else session_options(threads)
     try:
         return rt.InferenceSession(str(model_path), so, providers=provider_list(provider))

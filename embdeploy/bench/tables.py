@@ -55,14 +55,19 @@ def find_table(inits: dict[str, InitializerInfo], rows: int, H: int, exclude=())
     return hits[0]
 
 
+def numpy_dtype(info: InitializerInfo):
+    import onnx
+
+    return onnx.helper.tensor_dtype_to_np_dtype(info.elem_type)
+
+
 def read_table(model_path, info: InitializerInfo) -> np.ndarray:
     """The table's values (a read-only memory map when the data is external)."""
     import onnx
     from onnx import numpy_helper
 
     if info.file is not None:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(info.elem_type)
-        return np.memmap(info.file, dtype=dtype, mode="r", offset=info.offset, shape=info.dims)
+        return np.memmap(info.file, dtype=numpy_dtype(info), mode="r", offset=info.offset, shape=info.dims)
     model = onnx.load(str(model_path), load_external_data=False)
     for t in model.graph.initializer:
         if t.name == info.name:

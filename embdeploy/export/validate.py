@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EmbdeployError, FingerprintMismatch, ValidationFailed
+from ..ortimport import import_ort, require_provider
 
 # --------------------------------------------------------------------------- tolerances
 
@@ -378,10 +379,9 @@ _ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 def _session(model_path: Path, provider: str, options=None):
-    import onnxruntime as ort
-
     if provider not in PROVIDERS:
         raise EmbdeployError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    ort = import_ort(cuda=provider == "cuda")
     wanted = PROVIDERS[provider][0]
     if wanted not in ort.get_available_providers():
         raise EmbdeployError(
@@ -391,9 +391,11 @@ def _session(model_path: Path, provider: str, options=None):
     so = options or ort.SessionOptions()
     so.log_severity_level = 3  # swap models: ORT notes its overridable initializers at every load
     try:
-        return ort.InferenceSession(str(model_path), so, providers=PROVIDERS[provider])
+        sess = ort.InferenceSession(str(model_path), so, providers=PROVIDERS[provider])
     except Exception as e:  # ORT raises its own Fail/InvalidGraph types
         raise EmbdeployError(f"ONNX Runtime cannot load {model_path}: {str(e).splitlines()[0]}") from None
+    require_provider(sess, wanted, model_path)  # a CPU fallback must not pass as a CUDA validation
+    return sess
 
 
 def _run_probes(sess, roles: dict[str, str], reference, probes, tol, report, label: str = "", base_V=None) -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EmbdeployError, raise_all
-from ..ortimport import import_ort
+from ..ortimport import import_ort, wants_cuda
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class _Runtime:
         return so
 
     def create_session(self, so=None):
-        ort = _ort()
+        ort = _ort(cuda=wants_cuda(self.providers))
         path = self.export.path / self.export.meta.get("model_file", "model.onnx")
         try:
             sess = ort.InferenceSession(str(path), so or self.options(), providers=self.providers)

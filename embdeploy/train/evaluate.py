@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import EmbdeployError
 from .align import build_examples, is_causal
-from .objectives import collate, pad_id, pool
+from .objectives import collate, model_device, pad_id, pool
 from .texts import folds_case
 
 BATCH = 64
@@ -122,7 +122,7 @@ class Evaluator:
         states = [None] * len(seqs)
         for k in range(0, len(order), self.batch_size):
             idx = order[k : k + self.batch_size]
-            ids, mask = collate([seqs[i] for i in idx], self.pad)
+            ids, mask = collate([seqs[i] for i in idx], self.pad, model_device(self.body))
             last = self.body(input_ids=ids, attention_mask=mask).last_hidden_state
             p = pool(last, mask, self.pooling)
             for b, i in enumerate(idx):

@@ -66,6 +66,7 @@ class TrainRecord:
     tokens: int  # tokens the student read (all processes)
     tokens_per_s: float
     world_size: int = 1
+    device: str = "cpu"
     resumed_from_step: int | None = None
     eval_before: dict | None = None
     eval_after: dict | None = None
@@ -226,6 +227,7 @@ def train(
     loss: str = "mse",
     max_contexts_per_token: int = MAX_CONTEXTS_PER_TOKEN,
     console=None,
+    device=None,
 ) -> TrainRecord:
     """Train the extension rows of `ext` in place; return (and append to ext.training_records) the record.
 
@@ -240,8 +242,12 @@ def train(
     resume          continue from the newest checkpoint in checkpoint_dir
     eval_texts      held-out texts: `evaluate` runs before and after, both kept in the record
     loss            distill: 'mse' or 'cos' (1 - cosine) per aligned position
+    device          'cpu', 'cuda', 'cuda:N' or None (default): the GPU when torch sees one (under
+                    torch.distributed, cuda:LOCAL_RANK), else the CPU. The model is moved there for
+                    the run and back to where it was afterwards.
     """
     rank, world = _dist()
+    device = resolve_device(device)
     d_steps, d_lr = DEFAULTS.get(objective, (300, 1e-3))
     steps = d_steps if steps is None else steps
     lr = d_lr if lr is None else lr
@@ -256,6 +262,38 @@ def train(
     if eval_texts is not None and not isinstance(eval_texts, (list, tuple)):
         eval_texts = read_texts(eval_texts)
 
+    home = next(ext.model.parameters()).device
+    ext.model.to(device)
+    try:
+        return _train(ext, texts, objective, steps, lr, batch_size, layer, pooled, seed, checkpoint_dir,
+                      checkpoint_every, resume, progress, eval_texts, loss, max_contexts_per_token, console, device,
+                      rank, world)
+    finally:
+        ext.model.to(home)
+
+
+def resolve_device(device=None) -> torch.device:
+    """The training device: as given, or the GPU when torch sees one (cuda:LOCAL_RANK under torchrun)."""
+    if device is None or device == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EmbdeployError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EmbdeployError(f"device {device!r} asked for, but this torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}); train with device cpu, or install a CUDA build of torch")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EmbdeployError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise EmbdeployError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
+    return dev
+
+
+def _train(ext, texts, objective, steps, lr, batch_size, layer, pooled, seed, checkpoint_dir, checkpoint_every, resume,
+           progress, eval_texts, loss, max_contexts_per_token, console, device, rank, world) -> TrainRecord:
     torch.manual_seed(seed)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
@@ -324,7 +362,7 @@ def train(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        module = DistributedDataParallel(module)
+        module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = _Sampler([len(e.student_ids) for e in examples], batch_size, seed)
     scale = world / batch_size
     clip = float(ext.base_table().norm(dim=1).max()) if ext.head_mode == "tied" else None
@@ -354,11 +392,13 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 if clip is not None:
                     _clip_rows(ext, clip)
-                stats = torch.tensor([float(value.detach()), float(n_tok)], dtype=torch.float64)
+                stats = torch.tensor([float(value.detach()), float(n_tok)], dtype=torch.float64,
+                                     device=device if world > 1 else None)
                 if world > 1:
                     import torch.distributed as dist
 
                     dist.all_reduce(stats)
+                stats = stats.cpu()
                 history.append(float(stats[0]) / world)
                 tokens_seen += int(stats[1])
                 tps = tokens_seen / max(time.perf_counter() - t_loop, 1e-9)
@@ -388,7 +428,7 @@ def train(
         time_s=round(elapsed_before + time.perf_counter() - t0, 3),
         loop_s=round(loop_time, 3), tokens=tokens_seen,
         tokens_per_s=round(tokens_seen / loop_time, 1) if loop_time > 0 and tokens_seen else 0.0,
-        world_size=world, resumed_from_step=resumed_from, eval_before=eval_before, eval_after=eval_after,
+        world_size=world, device=str(device), resumed_from_step=resumed_from, eval_before=eval_before, eval_after=eval_after,
         notes=notes, started_at=started, extension_fingerprint=ext.extension_fingerprint(),
     )
     ext.training_records.append(record.to_json())

@@ -20,15 +20,22 @@ MLM_OTHER_RATE = 0.15  # share of other positions masked besides the new tokens
 MLM_NEW_RATE = 0.5  # share of new-token occurrences masked (the rest teach the input row through context)
 
 
-def collate(seqs: list[list[int]], pad_id: int):
-    """Right-padded (input_ids, attention_mask), both B×L."""
+def collate(seqs: list[list[int]], pad_id: int, device=None):
+    """Right-padded (input_ids, attention_mask), both B×L, on `device` (default: CPU)."""
     L = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
+    if device is not None and torch.device(device).type != "cpu":
+        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
     return ids, mask
+
+
+def model_device(model) -> torch.device:
+    """Where the model's parameters live (the device a batch must go to)."""
+    return next(model.parameters()).device
 
 
 def pad_id(tokenizer) -> int:
@@ -68,6 +75,10 @@ class Objective:
 
     def parameters(self):
         return self.ext.extension_parameters()
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.ext.model)
 
     def setup(self):
         """One-time work before the first step (teacher targets)."""
@@ -120,7 +131,7 @@ class Distill(Objective):
     def _teacher(self, items: list[int]) -> None:
         body = self.module()
         seqs = [self.examples[i].teacher_ids for i in items]
-        ids, mask = collate(seqs, self.pad)
+        ids, mask = collate(seqs, self.pad, self.device)
         with torch.no_grad():
             states, last = self._states(body, ids, mask)
             pooled = pool(last, mask, self.pooling) if self.pooled else None
@@ -150,7 +161,7 @@ class Distill(Objective):
             self.pooled_targets.clear()
             self._teacher(items)
         seqs = [self.examples[i].student_ids for i in items]
-        ids, mask = collate(seqs, self.pad)
+        ids, mask = collate(seqs, self.pad, self.device)
         states, last = self._states(module, ids, mask)
         if self.pooled:
             sp = pool(last, mask, self.pooling)
@@ -176,15 +187,17 @@ class Distill(Objective):
                 owner.append(b)
                 c_total += 1
         flat = states.reshape(B * L, H)
-        w = torch.tensor(weight, dtype=states.dtype).unsqueeze(-1)
-        student = states.new_zeros((c_total, H)).index_add(0, torch.tensor(comp), flat[torch.tensor(pos)] * w)  # (C, H)
+        dev = states.device
+        w = torch.tensor(weight, dtype=states.dtype, device=dev).unsqueeze(-1)
+        student = states.new_zeros((c_total, H)).index_add(
+            0, torch.tensor(comp, device=dev), flat[torch.tensor(pos, device=dev)] * w)  # (C, H)
         target = torch.cat([self.targets[i] for i in items]).to(states.dtype)  # (C, H)
         if self.kind == "cos":
             err = 1 - F.cosine_similarity(student, target, dim=-1)
         else:
             err = (student - target).pow(2).mean(-1)
-        total = states.new_zeros(B).index_add(0, torch.tensor(owner), err)
-        return total / torch.tensor(per_item, dtype=states.dtype)
+        total = states.new_zeros(B).index_add(0, torch.tensor(owner, device=dev), err)
+        return total / torch.tensor(per_item, dtype=states.dtype, device=dev)
 
 
 class MaskedLM(Objective):
@@ -226,8 +239,8 @@ class MaskedLM(Objective):
                     lab[p], ids[p] = t, self.mask_id
             seqs.append(ids)
             labels.append(lab)
-        ids, mask = collate(seqs, self.pad)
-        lab, _ = collate(labels, -100)
+        ids, mask = collate(seqs, self.pad, self.device)
+        lab, _ = collate(labels, -100, self.device)
         logits = module(input_ids=ids, attention_mask=mask).logits
         return _per_item_ce(logits, lab, scale), int(mask.sum())
 
@@ -249,7 +262,7 @@ class CausalLM(Objective):
 
     def loss(self, module, items, step, seed, scale):
         seqs = [self.examples[i].student_ids for i in items]
-        ids, mask = collate(seqs, self.pad)
+        ids, mask = collate(seqs, self.pad, self.device)
         logits = module(input_ids=ids, attention_mask=mask).logits
         lab = ids.masked_fill(mask == 0, -100)
         return _per_item_ce(logits[:, :-1], lab[:, 1:], scale), int(mask.sum())
