@@ -1,6 +1,6 @@
 """Export the base model to ONNX once, and keep it in a cache.
 
-    base_dir = export_base(ext)        # ~/.cache/embdeploy/base/<fp[:16]>-<task>-<dtype>/
+    base_dir = export_base(ext)        # ~/.cache/embdeploy/base/<fp[:16]>-<task>-<dtype>[-optimum]/
     export_base(ext)                   # again: found in the cache, nothing exported
 
 The exported module is the plain base (the extended model with its original
@@ -177,7 +177,8 @@ def export_base(
         plain.eval()
         try:
             base = _Base(ext_or_model, plain, task, pooling)
-            entry = cache_root(cache_dir) / "base" / f"{base.embed_fp.split(':')[-1][:16]}-{base.task}-{dtype}"
+            by = "" if backend == "torch" else f"-{backend}"  # one entry per exporter: switching does not evict
+            entry = cache_root(cache_dir) / "base" / f"{base.embed_fp.split(':')[-1][:16]}-{base.task}-{dtype}{by}"
             source = base.source(dtype, backend)
             if _cache_hit(entry, source):
                 say(f"base export found in the cache: {entry}")
@@ -225,11 +226,10 @@ def _export_proto(base: _Base, backend: str):
     EXPORT_COUNT += 1
     with tempfile.TemporaryDirectory(prefix="embdeploy-base-") as tmp:
         if backend == "optimum":
-            path = _optimum_export(base, Path(tmp))
-        else:
-            path = Path(tmp) / "model.onnx"
-            wrapper = OutputWrapper(base.model, base.task, base.pooling, base.inputs).eval()
-            _torch_export(wrapper, path)
+            return _rename_outputs(load_model(_optimum_export(base, Path(tmp))), _OPTIMUM_RENAMES)
+        path = Path(tmp) / "model.onnx"
+        wrapper = OutputWrapper(base.model, base.task, base.pooling, base.inputs).eval()
+        _torch_export(wrapper, path)
         return load_model(path)
 
 
@@ -334,7 +334,18 @@ def _refuse_fixed_axes(path: Path, wrapper) -> None:
         )
 
 
+# optimum's sentence-transformers export names the per-token output after sentence-transformers;
+# embdeploy's exports (and optimum's ORTModelForFeatureExtraction) call it last_hidden_state.
+_OPTIMUM_RENAMES = {"token_embeddings": "last_hidden_state"}
+
+
 def _optimum_export(base: _Base, tmp: Path) -> Path:
+    """optimum-onnx's `main_export` of the base model directory, without a KV cache.
+
+    A base with sentence-transformers pooling is exported as optimum's sentence_transformers
+    library (outputs token_embeddings, renamed last_hidden_state, and sentence_embedding), so
+    the outputs are the ones the torch backend gives; validation checks the pooling.
+    """
     try:
         from optimum.exporters.onnx import main_export
     except ImportError:
@@ -348,19 +359,36 @@ def _optimum_export(base: _Base, tmp: Path) -> Path:
             "--backend optimum exports from a model directory, and this base has none on disk "
             f"({base.source_path!r}); save it with save_pretrained first, or use --backend torch"
         )
-    if base.pooling:
-        raise EmbdeployError(
-            "--backend optimum does not add embdeploy's sentence_embedding output; use --backend torch, or "
-            "export with optimum yourself (library sentence_transformers) and pass it with --base-onnx PATH"
-        )
+    library = "sentence_transformers" if base.pooling else "transformers"
     try:
-        main_export(base.source_path, output=tmp, task=base.task, opset=OPSET, no_post_process=True)
+        with _quiet_exporter():
+            main_export(base.source_path, output=tmp, task=base.task, opset=OPSET, no_post_process=True,
+                        library_name=library)
     except Exception as e:
         raise EmbdeployError(f"optimum could not export {base.source_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     path = tmp / "model.onnx"
     if not path.is_file():
         raise EmbdeployError(f"optimum wrote no model.onnx in its output ({sorted(p.name for p in tmp.iterdir())})")
     return path
+
+
+def _rename_outputs(proto, renames: dict[str, str]):
+    """`proto` with graph outputs renamed ({old: new}; absent names ignored), wherever the name is used."""
+    renames = {old: new for old, new in renames.items() if old in {o.name for o in proto.graph.output}}
+    if not renames:
+        return proto
+    graph = proto.graph
+    used = {n for node in graph.node for n in (*node.input, *node.output)} | {i.name for i in graph.input}
+    taken = [new for new in renames.values() if new in used]
+    if taken:
+        raise EmbdeployError(f"cannot rename the exported outputs {list(renames)} to {taken}: the graph already uses those names")
+    for node in graph.node:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                names[i] = renames.get(name, name)
+    for vi in (*graph.output, *graph.value_info):
+        vi.name = renames.get(vi.name, vi.name)
+    return proto
 
 
 def _write_base(entry: Path, proto, base: _Base, source: dict) -> None:
