@@ -191,6 +191,27 @@ def load_base(ref: str | os.PathLike = DEFAULT_MODEL, task: str | None = None, t
     return model, tok, info
 
 
+# transformers 5 records a tokenizer of the generic fast class as "TokenizersBackend", a name
+# transformers 4 does not know; "PreTrainedTokenizerFast" is the same class under a name both load.
+_PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
+    """tokenizer.save_pretrained(directory), loadable by transformers 4 as well as 5.
+
+    Export directories are served where optimum-onnx runs, which needs transformers<4.58.
+    """
+    tokenizer.save_pretrained(str(directory))
+    cfg_file = Path(directory) / "tokenizer_config.json"
+    if not cfg_file.is_file():
+        return
+    cfg = json.loads(cfg_file.read_text())
+    portable = _PORTABLE_TOKENIZER_CLASS.get(cfg.get("tokenizer_class"))
+    if portable:
+        cfg["tokenizer_class"] = portable
+        cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
 def _supports_dtype_kw() -> bool:
     import transformers
 

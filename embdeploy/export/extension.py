@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import EmbdeployError, FingerprintMismatch
 from ..fsutil import atomic_output_dir, check_output_dir
+from ..models import save_tokenizer
 from .manifest import (
     CREATED_BY, FORMAT_VERSION, KIND, MANIFEST, digests, dtype_name, publishable, read_manifest, short_dtype,
     verify_dir, write_manifest,
@@ -142,7 +143,7 @@ def export_extension(
         t = time.perf_counter()
         save_model(new, tmp, separate=separate)
         del new
-        ext.tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(ext.tokenizer, tmp)
         config = copy.deepcopy(ext.model.config)
         config.vocab_size = ext.V + ext.K
         config.save_pretrained(str(tmp))

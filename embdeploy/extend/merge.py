@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..fsutil import atomic_output_dir
+from ..models import save_tokenizer
 from .layer import ExtendedEmbedding, ExtendedLMHead
 from .model import Extension
 
@@ -53,7 +54,7 @@ def merge_extension(ext: Extension, out, overwrite: bool = False) -> Path:
     model = merged_model(ext)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp))
-        ext.tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(ext.tokenizer, tmp)
         src = Path(ext.base_info.path)
         if src.is_dir():
             for name in _ST_FILES:

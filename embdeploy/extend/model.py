@@ -27,7 +27,7 @@ from .. import __version__
 from ..errors import EmbdeployError, FingerprintMismatch, raise_all
 from ..fingerprint import table_fingerprint
 from ..fsutil import atomic_output_dir
-from ..models import BaseInfo, load_base
+from ..models import BaseInfo, load_base, save_tokenizer
 from .config import ExtensionConfig
 from .init import initial_rows
 from .layer import ExtendedEmbedding, ExtendedLMHead
@@ -305,8 +305,8 @@ class Extension:
             raise EmbdeployError("the extension has no tokens yet; add a group before saving")
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             save_file(self.state_tensors(), str(tmp / WEIGHTS), metadata={"format": FORMAT})
-            self.tokenizer.save_pretrained(str(tmp))
-            self.base_tokenizer.save_pretrained(str(tmp / BASE_TOKENIZER))
+            save_tokenizer(self.tokenizer, tmp)
+            save_tokenizer(self.base_tokenizer, tmp / BASE_TOKENIZER)
             (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2, ensure_ascii=False) + "\n")
         return Path(out)
 
