@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -128,7 +129,15 @@ def versions() -> dict:
     return out
 
 
-def header(command: str, result, vers: dict, agree: float, elapsed: float, optimum_io: str) -> str:
+def _python() -> str:
+    """The interpreter as a user would type it: the repo-relative venv path (.venv-optimum/bin/python) or python."""
+    try:
+        return str(Path(sys.executable).relative_to(HERE.parent))
+    except ValueError:
+        return "python"
+
+
+def header(command: str, result, vers: dict, agree: float, elapsed: float, optimum_io: str, load: str) -> str:
     m = result.machine
     lines = [
         "# optimum-onnx's base export vs embdeploy's exports (CPU)",
@@ -137,7 +146,8 @@ def header(command: str, result, vers: dict, agree: float, elapsed: float, optim
         "against embdeploy's base export and its three extended exports, interleaved in one run.",
         "",
         f"Made with (repository root, {elapsed:.0f} s): `{command}`  ",
-        f"Machine: {m.get('cpu')}, {m.get('usable_cores')} usable cores, {m.get('date')}; "
+        f"Machine: {m.get('cpu')}, {m.get('usable_cores')} usable cores, load average {load} when timing began, "
+        f"{m.get('date')}; "
         + ", ".join(f"{k} {v}" for k, v in vers.items() if v) + ".  ",
         f"optimum's export: {optimum_io}. Before timing, optimum's and embdeploy's base exports agreed on a "
         f"text to max |diff| {agree:.1e}. Cells: p50 ratio [25th–75th percentile of the per-round ratios].",
@@ -201,6 +211,7 @@ def main(argv=None) -> int:
         agree = check_bases_agree(ext, optimum_dir, dirs["embdeploy-base"])
         del ext  # the PyTorch model is not needed while timing
         optimum = load_artifact(optimum_bench)
+        load = " / ".join(f"{x:.2f}" for x in os.getloadavg())  # 1, 5, 15 min: others' work skews ratios too
         result = run_bench(list(dirs.values()), base_dir=optimum_bench, shapes=parse_shapes(args.shapes),
                            threads=args.threads, rounds=args.rounds, sessions=0, memory_cost=not args.no_memory,
                            progress=say)
@@ -208,14 +219,14 @@ def main(argv=None) -> int:
         console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
         return e.exit_code
     elapsed = time.perf_counter() - t0
-    command = shlex.join(["python", "perf/bench_optimum.py", *argv])
+    command = shlex.join([_python(), "perf/bench_optimum.py", *argv])
     vers = versions()
     args.out.mkdir(parents=True, exist_ok=True)
     data = json.loads(result.to_json())
-    data.update(command=command, versions=vers, bases_max_abs_diff=agree, seconds=round(elapsed, 1))
+    data.update(command=command, versions=vers, bases_max_abs_diff=agree, load_average=load, seconds=round(elapsed, 1))
     (args.out / f"{args.name}.json").write_text(json.dumps(data, indent=2) + "\n")
     optimum_io = f"inputs {', '.join(optimum.inputs)}; outputs {', '.join(optimum.outputs)}"
-    (args.out / f"{args.name}.md").write_text(header(command, result, vers, agree, elapsed, optimum_io)
+    (args.out / f"{args.name}.md").write_text(header(command, result, vers, agree, elapsed, optimum_io, load)
                                                + markdown(result))
     out = Console() if sys.stdout.isatty() else Console(width=140)
     out.print(render_table(result))

@@ -28,6 +28,6 @@ def test_bench_optimum_runs_and_reports_every_variant(model_dirs, tmp_path):
         for label in labels[1:]:
             assert {(label, "base-ids", shape), (label, "new-ids", shape)} <= rows
     assert all(math.isfinite(r["ratio_to_base"]) and r["ratio_to_base"] > 0 for r in data["latency"])
-    assert data["bases_max_abs_diff"] < 1e-4 and data["command"].startswith("python perf/bench_optimum.py --model")
+    assert data["bases_max_abs_diff"] < 1e-4 and "perf/bench_optimum.py --model" in data["command"]
     md = (tmp_path / "out" / "optimum-vs-embdeploy-cpu.md").read_text()
     assert data["command"] in md and "p50 latency ratio to optimum's base export" in md
