@@ -337,6 +337,37 @@ def test_fp16_export(exported, export_cache, tmp_path, mode):
     assert res.report.passed and 0 < res.report.max_abs_diff < 0.03
 
 
+def test_optimum_output_rename_follows_every_use():
+    """optimum's sentence-transformers export calls the per-token output token_embeddings; the optimum
+    backend renames it last_hidden_state, also where the pooling reads it."""
+    import onnxruntime as ort
+    from onnx import parser
+
+    from embdeploy.export.base import _OPTIMUM_RENAMES, _rename_outputs
+
+    model = parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[B, S, 4] x) => (float[B, S, 4] token_embeddings, float[B, 4] sentence_embedding) {
+            token_embeddings = Relu(x)
+            axis = Constant<value = int64[1] {1}>()
+            sentence_embedding = ReduceMean<keepdims = 0>(token_embeddings, axis)
+        }
+    """)
+    renamed = _rename_outputs(model, _OPTIMUM_RENAMES)
+    assert [o.name for o in renamed.graph.output] == ["last_hidden_state", "sentence_embedding"]
+    assert [list(n.input) for n in renamed.graph.node] == [["x"], [], ["last_hidden_state", "axis"]]
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    hidden, pooled = ort.InferenceSession(renamed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(hidden, np.maximum(x, 0))
+    np.testing.assert_allclose(pooled, np.maximum(x, 0).mean(1), rtol=1e-6)
+    clash = parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[2] last_hidden_state) => (float[2] token_embeddings) { token_embeddings = Relu(last_hidden_state) }
+    """)
+    with pytest.raises(EmbdeployError, match="already uses those names"):
+        _rename_outputs(clash, _OPTIMUM_RENAMES)
+
+
 def test_optimum_backend_without_optimum(exported, tmp_path):
     pytest.importorskip("torch")
     try:
