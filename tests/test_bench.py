@@ -70,6 +70,9 @@ def write_export(out: Path, mode: str, external: bool = True, base_dir: Path | N
         inits.update(v=np.array(V), zero=np.array(0), v_last=np.array(V - 1), k_last=np.array(K - 1),
                      last_axis=np.array([-1]))
     model.graph.initializer.extend(numpy_helper.from_array(np.asarray(a), name) for name, a in inits.items())
+    if mode == "swap":  # as rewrite_swap declares it: an overridable initializer, so a table can be fed per run
+        model.graph.input.append(onnx.helper.make_tensor_value_info("embdeploy_ext_embed", onnx.TensorProto.FLOAT,
+                                                                    ["ext_rows", H]))
     onnx.checker.check_model(model)
     out.mkdir(parents=True)
     if external:

@@ -87,6 +87,12 @@ def test_session_on_cuda_matches_torch_and_swaps(make_extension, export_cache, t
     out = export_extension(ext_a, "swap", tmp_path / "swap", cache_dir=export_cache, dtype=dtype, provider="cuda").out
     tol = tolerance_for("float16" if dtype == "fp16" else "float32", "cuda")
 
+    def assert_close(got, want):
+        # The validation gate's own terms: per token, cosine and max |diff| (fp16 loses precision by design).
+        cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+        assert cos.min() >= tol.min_cosine, cos.min()
+        assert np.abs(got - want).max() <= tol.atol + tol.rtol * np.abs(want).max()
+
     def reference(ext, enc):
         inputs = {k: torch.from_numpy(v) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         with torch.no_grad():
@@ -99,12 +105,12 @@ def test_session_on_cuda_matches_torch_and_swaps(make_extension, export_cache, t
         assert (enc["input_ids"] >= ext_a.V).any()
         got = sess.encode(TEXTS)["last_hidden_state"].astype(np.float32)
         mask = enc["attention_mask"].astype(bool)
-        np.testing.assert_allclose(got[mask], reference(ext_a, enc)[mask], atol=tol.atol, rtol=tol.rtol)
+        assert_close(got[mask], reference(ext_a, enc)[mask])
         sess.swap_extension(dir_b)
         enc_b = sess.tokenize(TEXTS)
         got_b = sess.encode(TEXTS)["last_hidden_state"].astype(np.float32)
         mask_b = enc_b["attention_mask"].astype(bool)
-        np.testing.assert_allclose(got_b[mask_b], reference(ext_b, enc_b)[mask_b], atol=tol.atol, rtol=tol.rtol)
+        assert_close(got_b[mask_b], reference(ext_b, enc_b)[mask_b])
         if io_binding:
             values = sess.encode(TEXTS[:2], device_outputs=True)
             assert values["last_hidden_state"].device_name().lower() == "cuda"
@@ -135,7 +141,7 @@ def test_bench_times_cuda_with_io_binding_and_reports_gpu_memory(tmp_path):
         assert all(c.gpu_mb is not None and c.gpu_mb > 0 for c in costs), costs
     multi = [m for m in result.multi if m.provider == "cuda"]
     cuda_skips = [s for s in result.skipped if s.what.startswith("cuda:")]
-    assert len(multi) + len(cuda_skips) == 3
+    assert len(multi) + len(cuda_skips) == 2
     assert any(m.config == "cuda: swap" for m in multi) and any(m.config == "cuda: merged" for m in multi)
     assert result.machine["gpu"]
     md = write_markdown(result, tmp_path / "bench.md").read_text()

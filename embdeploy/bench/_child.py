@@ -124,58 +124,66 @@ def measure_multi(spec: dict) -> dict:
 
 
 def measure_multi_cuda(spec: dict) -> dict:
-    """N CUDA sessions in this process, each with a different extension: GPU memory per session.
+    """N tenants on one GPU, each with a different extension: device memory per tenant.
 
-    The CUDA provider copies every initializer to the device, so a base table
-    that N CPU sessions share through one memory map is N copies on the GPU.
-    With share_base, the swap sessions get the base table as one OrtValue that
-    already lives on the device (SessionOptions.add_initializer), which is the
-    way to share it there; if this ORT refuses that, the row says so.
+    A CUDA session copies every initializer to the device and cannot take a
+    tenant's table through the session options (see rewrite.swap_session_options),
+    so on CUDA the two ways to serve N extensions are: swap, one session whose
+    extension table is fed from GPU memory with every run (each tenant's table
+    bound through IO binding, as runtime.Session does), and merged, one session
+    per tenant's export (a full (V+K, H) table and every other weight each).
     """
     model, mode, n = spec["model"], spec["mode"], spec["n"]
     V, K, H, threads = spec["V"], spec["K"], spec["H"], spec["threads"]
     inits = tables.initializers(model)
     rt = sessions.ort(cuda=True)
     rng = np.random.default_rng(0)
-    if mode == "swap":
-        own_info = inits[spec["ext_name"]]
-        base = tables.find_table(inits, V, H, exclude={own_info.name})
-    else:
-        own_info = tables.find_table(inits, V + K, H)
-    dtype = tables.numpy_dtype(own_info)
-    template = rng.standard_normal(own_info.dims).astype(dtype)
-    keep: list = []
-    shared_value, sharing = None, "none: each session copies the base table to the GPU"
-    if mode == "swap" and spec.get("share_base"):
-        table = np.ascontiguousarray(tables.read_table(model, base))
-        shared_value = rt.OrtValue.ortvalue_from_numpy(table, "cuda", 0)
-        keep.append((table, shared_value))
-        sharing = "one device OrtValue for all sessions (add_initializer)"
-    elif mode != "swap":
-        sharing = "none: a private table per session"
     ids = token_ids(1, 16, V, K, NEW_MIX, 0.25, 0)
+    keep: list = []
     live, gpu = [], []
     before = procmem.status()
     t0 = time.perf_counter()
-    for i in range(n):
-        own = template.copy()
-        own.flat[0] += i  # a different table per session
-        if mode == "swap":
-            so = sessions.swap_options(own_info.name, own, threads, keep)
-        else:
-            so = sessions.session_options(threads)
-            sessions.add_table(so, own_info.name, own, keep)
-        if shared_value is not None:
-            so.add_initializer(base.name, shared_value)
-        sess = sessions.create_session(model, "cuda", threads, so=so)
+    if mode == "swap":
+        own_info = inits[spec["ext_name"]]
+        template = rng.standard_normal(own_info.dims).astype(tables.numpy_dtype(own_info))
+        sess = sessions.create_session(model, "cuda", threads)
         if "CUDAExecutionProvider" not in sess.get_providers():
             return {"error": f"onnxruntime fell back to {sess.get_providers()}: no usable CUDA device"}
-        sess.run(None, session_feed(sess, ids))
+        if own_info.name not in {i.name for i in sess.get_overridable_initializers()}:
+            return {"error": f"{model} does not declare its extension table {own_info.name!r} as a graph input, so "
+                             "a tenant's table cannot be fed on CUDA; re-export it with `embdeploy export --mode swap`"}
+        feed = session_feed(sess, ids)
+        for i in range(n):
+            own = template.copy()
+            own.flat[0] += i  # a different table per tenant
+            table = rt.OrtValue.ortvalue_from_numpy(own, "cuda", 0)
+            io = sess.io_binding()
+            for name, arr in feed.items():
+                if name != own_info.name:
+                    io.bind_cpu_input(name, arr)
+            io.bind_ortvalue_input(own_info.name, table)
+            for out in sess.get_outputs():
+                io.bind_output(out.name, "cuda", 0)
+            sess.run_with_iobinding(io)
+            io.synchronize_outputs()
+            keep.append((table, io))
+            gpu.append(procmem.gpu_used_mb())
         live.append(sess)
-        gpu.append(procmem.gpu_used_mb())
+        per_table, sharing = template.nbytes, "one session; each tenant's table fed from GPU memory (IO binding)"
+        shared_mb = V * H * template.itemsize / MB
+    else:
+        info = tables.find_table(inits, V + K, H)
+        per_table, sharing, shared_mb = int(np.prod(info.dims)) * np.dtype(tables.numpy_dtype(info)).itemsize, \
+            "none: one session per tenant's export", 0.0
+        for _ in range(n):
+            sess = sessions.create_session(model, "cuda", threads)
+            if "CUDAExecutionProvider" not in sess.get_providers():
+                return {"error": f"onnxruntime fell back to {sess.get_providers()}: no usable CUDA device"}
+            sess.run(None, session_feed(sess, ids))
+            live.append(sess)
+            gpu.append(procmem.gpu_used_mb())
     create_s = time.perf_counter() - t0
     after = procmem.status()
-    per_table = template.nbytes
     known = all(g is not None for g in gpu)
     return {
         "create_s": create_s,
@@ -184,7 +192,7 @@ def measure_multi_cuda(spec: dict) -> dict:
         "mapped_mb": 0.0,
         "footprint_mb": (after["private"] - before["private"]) / MB,
         "tables_mb": n * per_table / MB,
-        "shared_mb": (V * H * template.itemsize / MB) if shared_value is not None else 0.0,
+        "shared_mb": shared_mb,
         "overhead_per_session_mb": 0.0,
         "sharing": sharing,
         "provider": "cuda",

@@ -50,22 +50,17 @@ def session_cost(art: OnnxArtifact, label: str, provider: str, threads: int) -> 
     return SessionCost(provider=provider, variant=label, mode=art.mode, **out)
 
 
-def multi_session(art: OnnxArtifact, n: int, threads: int, prepacking: bool, provider: str = "cpu",
-                  share_base: bool = False) -> MultiSessionRow:
+def multi_session(art: OnnxArtifact, n: int, threads: int, prepacking: bool, provider: str = "cpu") -> MultiSessionRow:
     """N sessions of a swap or merged export in one fresh process, each with a different extension.
 
-    provider "cuda" measures GPU memory; share_base (swap on CUDA) hands every
-    session the base table as one OrtValue on the device.
+    provider "cuda" measures GPU memory per tenant (see _child.measure_multi_cuda).
     """
     if art.mode not in ("swap", "merged"):
         raise ValueError("multi-session measurement is for swap and merged exports")
     spec = {"model": str(art.model_path), "mode": art.mode, "n": n, "threads": threads, "prepacking": prepacking,
-            "V": art.V, "K": art.K, "H": art.H, "ext_name": art.ext_embed, "provider": provider,
-            "share_base": share_base}
+            "V": art.V, "K": art.K, "H": art.H, "ext_name": art.ext_embed, "provider": provider}
     out = _run_child("multi", spec)
     config = art.mode if prepacking else f"{art.mode} (no prepacking)"
-    if share_base:
-        config += " (base on device, shared)"
     if provider != "cpu":
         config = f"{provider}: {config}"
     return MultiSessionRow(config=config, mode=art.mode, n=n, prepacking=prepacking, **out)

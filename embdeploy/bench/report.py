@@ -73,7 +73,7 @@ def render_memory_table(result: BenchResult):
                   caption="footprint = private + mapped (counted once): resident size once every row has been used")
         gpu = any(m.provider == "cuda" for m in result.multi)
         cols = ["config", "base shared by", "create s", "footprint MB", "tables MB", "shared MB", "rest/session MB"]
-        for col in cols + (["GPU MB", "GPU MB/session"] if gpu else []):
+        for col in cols + (["GPU MB", "GPU MB/tenant"] if gpu else []):
             t.add_column(col, justify="left" if col in ("config", "base shared by") else "right")
         for m in result.multi:
             cpu = m.provider == "cpu"
@@ -150,11 +150,13 @@ def markdown(result: BenchResult) -> str:
         out.append("")
         gpu_rows = [r for r in result.multi if r.provider == "cuda"]
         if gpu_rows:
-            out += [f"### On the GPU ({n} CUDA sessions in one process)", "",
-                    "GPU MB: device memory the process holds with all sessions open (nvidia-smi), CUDA context "
-                    "included. GPU MB/session: (GPU MB with N sessions − with 1) / (N − 1), what each further "
-                    "tenant costs on the device.", "",
-                    "| config | base shared by | create s | tables MB | GPU MB | GPU MB/session |",
+            out += [f"### On the GPU ({n} tenants in one process)", "",
+                    "swap: one CUDA session, each tenant's (K, H) table kept in GPU memory and fed with its runs "
+                    "(IO binding; a CUDA session cannot take a table through the session options). merged: one "
+                    "CUDA session per tenant's export. GPU MB: device memory the process holds with all tenants "
+                    "served (nvidia-smi), CUDA context included. GPU MB/tenant: (GPU MB with N − with 1) / (N − 1), "
+                    "what each further tenant costs on the device.", "",
+                    "| config | base shared by | create s | tables MB | GPU MB | GPU MB/tenant |",
                     "|---|---|---:|---:|---:|---:|"]
             for r in gpu_rows:
                 out.append(f"| {r.config} | {r.sharing} | {r.create_s:.2f} | {r.tables_mb:.0f} | {_mb(r.gpu_mb)} | "
@@ -270,13 +272,14 @@ def write_plot(result: BenchResult, path) -> Path:
         ax.set_yticks(y, names)
         ax.invert_yaxis()
         ax.set_xlabel("MB once every row has been used (private + mapped, shared pages counted once)")
-        ax.set_title(f"{cpu_multi[0].n} sessions in one process, a different extension each", loc="left",
+        ax.set_title(f"CPU: {cpu_multi[0].n} sessions in one process, a different extension each", loc="left",
                      fontweight="bold")
         ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
         ax.set_xlim(0, max(m.footprint_mb for m in cpu_multi) * 1.18)
 
     m = result.machine
-    fig.suptitle(f"embdeploy bench: {m.get('cpu')}, onnxruntime {m.get('onnxruntime')}, "
+    fig.suptitle(f"embdeploy bench: {m.get('cpu')}" + (f", {m['gpu'].split(',')[0]}" if m.get("gpu") else "")
+                 + f", onnxruntime {m.get('onnxruntime')}, "
                  f"{result.settings.get('threads')} thread(s)", fontsize=10, color="#374151")
     fig.tight_layout()
     _write(path, lambda p: fig.savefig(p, dpi=110))

@@ -237,15 +237,14 @@ def _multi(result: BenchResult, arts, n: int, threads: int, say: Progress) -> No
 
 def _multi_cuda(result: BenchResult, arts, n: int, threads: int, say: Progress) -> None:
     by_mode = {a.mode: a for _, a in arts}
-    for mode, share in (("swap", False), ("swap", True), ("merged", False)):
+    for mode in ("swap", "merged"):
         if mode not in by_mode:
             continue
-        say(f"cuda: {n} {mode} sessions in one process{' (base shared on the device)' if share else ''}")
+        say(f"cuda: {n} {mode} tenants in one process")
         try:
-            result.multi.append(memory.multi_session(by_mode[mode], n, threads, True, provider="cuda", share_base=share))
+            result.multi.append(memory.multi_session(by_mode[mode], n, threads, True, provider="cuda"))
         except EmbdeployError as e:
-            result.skipped.append(Skipped(f"cuda: {n} {mode} sessions{' (base shared on the device)' if share else ''}",
-                                          str(e)))
+            result.skipped.append(Skipped(f"cuda: {n} {mode} tenants", str(e)))
 
 
 def _info(label: str, a: OnnxArtifact) -> VariantInfo:

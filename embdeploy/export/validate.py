@@ -398,7 +398,8 @@ def _session(model_path: Path, provider: str, options=None):
     return sess
 
 
-def _run_probes(sess, roles: dict[str, str], reference, probes, tol, report, label: str = "", base_V=None) -> None:
+def _run_probes(sess, roles: dict[str, str], reference, probes, tol, report, label: str = "", base_V=None,
+                extra_feeds: dict | None = None) -> None:
     names = [o.name for o in sess.get_outputs()]
     types = {i.name: i.type for i in sess.get_inputs()}
     mapping = None
@@ -411,6 +412,7 @@ def _run_probes(sess, roles: dict[str, str], reference, probes, tol, report, lab
                 report.problems.append(f"input {name!r} has type {types.get(name)}; embdeploy feeds int64 or int32 ids")
                 return
             ort_feed[name] = feeds[role].astype(dtype)
+        ort_feed.update(extra_feeds or {})
         try:
             got = sess.run(None, ort_feed)
         except Exception as e:  # ORT's RuntimeException etc.
@@ -538,20 +540,28 @@ def validate(
 def _swap_check(model_path, provider, ext, m, roles, reference, probes, report) -> None:
     import onnxruntime as ort
 
-    from ..onnx.rewrite import swap_session_options
+    from ..onnx.rewrite import EXT_EMBED, EXT_HEAD, swap_session_options
 
     np_dtype = np.float16 if m.get("dtype") == "float16" else np.float32
     embed = _replacement(ext.embed_table().float().cpu().numpy(), seed=1).astype(np_dtype)
     head = None
     if ext.head_mode == "untied":
         head = _replacement(ext.head_table().float().cpu().numpy(), seed=2).astype(np_dtype)
-    so = swap_session_options(ort.SessionOptions(), embed, head)
-    sess = _session(model_path, provider, so)
     # Every row through the direct ids; the tokenizer path was checked above, once is enough here.
     new_probes = [p for p in probes if p.name.startswith(("new ids", "padding", "one token"))]
     new_probes.insert(0, next(p for p in probes if p.name.startswith("new tokens")))
+    if provider == "cpu":
+        # The table through the session options, as a CPU service swaps it (rewrite.swap_session_options).
+        so, feeds = swap_session_options(ort.SessionOptions(), embed, head), None
+    else:
+        # On CUDA, ORT ignores a CPU initializer it planned for the GPU and refuses a GPU one it did not
+        # allocate itself (measured, onnxruntime-gpu 1.31), so a GPU service feeds the table as the graph
+        # input the rewrite declared for it (runtime.Session's default table_binding "feed"). Check that.
+        so, feeds = None, {EXT_EMBED: embed, **({EXT_HEAD: head} if head is not None else {})}
+    sess = _session(model_path, provider, so)
     with _extension_rows(ext, embed.astype(np.float32), None if head is None else head.astype(np.float32)):
-        _run_probes(sess, roles, reference, new_probes, report.tolerance, report, label="swapped table: ")
+        _run_probes(sess, roles, reference, new_probes, report.tolerance, report, label="swapped table: ",
+                    extra_feeds=feeds)
 
 
 def validate_dir(onnx_dir, ext_dir=None, provider: str = "cpu") -> ValidationReport:

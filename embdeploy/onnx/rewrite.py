@@ -800,7 +800,15 @@ def swap_session_options(so, ext_table, head_ext=None):
     head only). K may differ from the exported extension. The dtype must be the
     model's (e.g. float16 for an fp16 export); a wrong dtype or H fails when the
     session runs. Uses `SessionOptions.add_initializer`, so each name can be set
-    once per SessionOptions; the buffers are used in place, not copied. Returns `so`.
+    once per SessionOptions; on the CPU the buffers are used in place, not copied.
+
+    CPU sessions only. A CUDA session ignores a CPU initializer it planned for
+    the GPU (only a log warning; the file's table is used) and refuses a GPU
+    one that ORT allocated ("Buffer containing the initializer must be owned
+    by the user"), both measured with onnxruntime-gpu 1.31 on an H100. On CUDA,
+    feed the table as the graph input of the same name instead (the rewrite
+    declares one); `embdeploy.runtime.Session` does that by default.
+    Returns `so`.
     """
     import onnxruntime as ort
 

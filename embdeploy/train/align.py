@@ -53,6 +53,8 @@ def is_causal(model) -> bool:
     other = ids.clone()
     other[0, -1] = (ids[0, -1] + 1) % V
     body = getattr(model, "base_model", model)
+    device = next(model.parameters()).device
+    ids, other = ids.to(device), other.to(device)
     with torch.no_grad():
         a = body(input_ids=ids).last_hidden_state
         b = body(input_ids=other).last_hidden_state

@@ -289,6 +289,8 @@ def resolve_device(device=None) -> torch.device:
         raise EmbdeployError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     if dev.type not in ("cpu", "cuda"):
         raise EmbdeployError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
