@@ -381,3 +381,24 @@ def test_token_mixes():
     is_new = new >= V
     assert is_new.sum() == 32 and new.max() == V + K - 1 and new[is_new].min() == V
     assert np.array_equal(token_ids(4, 32, V, K, NEW_MIX, 0.25, seed=1), new)
+
+
+def test_gpu_memory_and_name_are_read_from_nvidia_smi(tmp_path, monkeypatch):
+    import os
+
+    from embdeploy.bench import procmem
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        f'  --query-compute-apps*) printf "{os.getpid()}, 700\\n12, 5000\\n{os.getpid()}, 80\\n" ;;\n'
+        '  --query-gpu*) printf "NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04\\n" ;;\n'
+        "esac\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert procmem.gpu_used_mb() == 780.0  # this process's two contexts, not the other process
+    assert procmem.gpu_used_mb(pid=999_999) is None  # not seen: unknown, never 0
+    assert procmem.gpu_description() == "NVIDIA H100 80GB HBM3, 81559 MiB, driver 580.159.04"
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert procmem.gpu_used_mb() is None and procmem.gpu_description() is None

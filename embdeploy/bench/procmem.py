@@ -104,23 +104,28 @@ def _union_size(ranges: list[tuple[int, int]]) -> int:
     return total
 
 
-def gpu_used_mb(pid: int | None = None) -> float | None:
-    """GPU memory that process `pid` holds, from nvidia-smi; None when it cannot be read."""
+def _nvidia_smi(*query: str) -> list[str] | None:
+    """nvidia-smi's CSV lines for `query`; None where it is missing or fails."""
     import shutil
     import subprocess
 
-    pid = os.getpid() if pid is None else pid
     if shutil.which("nvidia-smi") is None:
         return None
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout
+        out = subprocess.run(["nvidia-smi", *query], capture_output=True, text=True, timeout=20, check=True).stdout
     except (subprocess.SubprocessError, OSError):
         return None
+    return out.strip().splitlines()
+
+
+def gpu_used_mb(pid: int | None = None) -> float | None:
+    """GPU memory that process `pid` holds, from nvidia-smi; None when it cannot be read."""
+    pid = os.getpid() if pid is None else pid
+    lines = _nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
+    if lines is None:
+        return None
     total, found = 0.0, False
-    for line in out.splitlines():
+    for line in lines:
         p, _, used = line.partition(",")
         if p.strip() == str(pid):
             found = True
@@ -134,19 +139,8 @@ def gpu_used_mb(pid: int | None = None) -> float | None:
 
 def gpu_description() -> str | None:
     """'NAME, N MiB, driver D' for the first GPU, from nvidia-smi; None without one."""
-    import shutil
-    import subprocess
-
-    if shutil.which("nvidia-smi") is None:
+    lines = _nvidia_smi("--query-gpu=name,memory.total,driver_version", "--format=csv,noheader")
+    if not lines:
         return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout.strip().splitlines()
-    except (subprocess.SubprocessError, OSError):
-        return None
-    if not out:
-        return None
-    name, memory, driver = (x.strip() for x in (out[0].split(",") + ["", ""])[:3])
+    name, memory, driver = (x.strip() for x in (lines[0].split(",") + ["", ""])[:3])
     return f"{name}, {memory}, driver {driver}"
