@@ -409,15 +409,50 @@ def test_unsupported_architecture_names_the_fixes(tmp_path, capsys):
 def test_input_roles_refuses_inputs_it_cannot_fill():
     model = onnx.parser.parse_model(
         """<ir_version: 9, opset_import: ["" : 18]>
-        g (int64[B,S] tokens, int64[B,S] attention_mask, float[B,2,S,4] past_key_values_0_key) => (float[B,S,4] y) {
+        g (int64[B,S] tokens, int64[B,S] attention_mask, float[B,3,H,W] pixel_values) => (float[B,S,4] y) {
             y = Gather(table, tokens)
         }"""
     )
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((5, 4), np.float32), "table"))
-    with pytest.raises(EmbdeployError, match="inputs embdeploy cannot fill: 'past_key_values_0_key'.*'-with-past'"):
+    with pytest.raises(EmbdeployError, match="inputs embdeploy cannot fill: 'pixel_values'.*'text-generation-with-past'"):
         input_roles(model, (0,))
     del model.graph.input[2]
     assert input_roles(model, (0,)) == {"tokens": "input_ids", "attention_mask": "attention_mask"}
+
+
+def _with_past(past_shape: list, present: str = "present.0.key"):
+    # helper, not onnx.parser: optimum's names have dots, which ONNX text does not allow
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["y"]),
+         helper.make_node("Identity", ["past_key_values.0.key"], [present])],
+        "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "T"]),
+         helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, past_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 4]),
+         helper.make_tensor_value_info(present, TensorProto.FLOAT, past_shape)],
+        [onnx.numpy_helper.from_array(np.zeros((5, 4), np.float32), "table")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_input_roles_and_cache_outputs_of_a_decoder_with_past():
+    from embdeploy.export.graph import PAST, cache_outputs
+
+    model = _with_past(["B", 2, "P", 4])
+    roles = input_roles(model, (0,))
+    assert roles == {"input_ids": "input_ids", "attention_mask": "attention_mask", "past_key_values.0.key": PAST}
+    assert cache_outputs(model, roles) == {"past_key_values.0.key": "present.0.key"}
+    assert cache_outputs(model, {"input_ids": "input_ids"}) == {}  # no cache, nothing to pair
+    renamed = _with_past(["B", 2, "P", 4], present="next_cache")
+    with pytest.raises(EmbdeployError, match=r"KV-cache inputs without a matching present.\* output: "
+                                             r"'past_key_values.0.key' \(no output 'present.0.key'\)"):
+        cache_outputs(renamed, input_roles(renamed, (0,)))
+    with pytest.raises(EmbdeployError, match=r"'past_key_values.0.key' \(a KV cache must be a 4-D float tensor.*"
+                                             r"heads and head_dim fixed\)"):
+        input_roles(_with_past(["B", "N", "P", 4]), (0,))  # heads not fixed: validation could not build an empty past
 
 
 def test_to_float16_keeps_the_mask_fill_finite():

@@ -45,6 +45,21 @@ def token_ids(batch: int, seq: int, V: int, K: int, mix: str, new_fraction: floa
     return ids
 
 
+def empty_past(inp, batch: int) -> np.ndarray | None:
+    """A zero-length KV cache for ORT input `inp` (a NodeArg): (batch, heads, 0, head_dim) in its dtype.
+
+    The heads and head_dim axes must be fixed in the graph; None when they are not
+    (or the input is not a 4-D float tensor), so the caller can name the input.
+    """
+    dtype = _ORT_TO_NUMPY.get(inp.type)
+    dims = list(inp.shape)
+    if dtype is None or not np.issubdtype(dtype, np.floating) or len(dims) != 4:
+        return None
+    if not all(isinstance(d, int) for d in (dims[1], dims[3])):
+        return None
+    return np.zeros((batch, dims[1], 0, dims[3]), dtype)
+
+
 def session_feed(session, ids: np.ndarray) -> dict[str, np.ndarray]:
     """The feed dict for `session`: ids plus the companion inputs its graph declares."""
     batch, seq = ids.shape
@@ -62,12 +77,10 @@ def session_feed(session, ids: np.ndarray) -> dict[str, np.ndarray]:
         elif name == "position_ids":
             value = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
         elif name.startswith(("past_key_values", "past_key", "past_value")) and dtype is not None:
-            # An empty cache: batch first, the past-length axis 0, the other axes fixed in the graph.
-            dims = list(inp.shape)
-            if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:2] + dims[3:]):
+            value = empty_past(inp, batch)
+            if value is None:
                 unsupported.append(f"{name} {inp.shape}")
                 continue
-            value = np.zeros((batch, dims[1], 0, dims[3]), dtype)
         else:
             unsupported.append(f"{name} {inp.type} {inp.shape}")
             continue

@@ -394,9 +394,10 @@ def _rename_outputs(proto, renames: dict[str, str]):
 def _write_base(entry: Path, proto, base: _Base, source: dict) -> None:
     from ..onnx.io import save_model
     from ..onnx.rewrite import find_embedding
-    from .graph import graph_outputs, input_roles
+    from .graph import cache_outputs, graph_outputs, input_roles
 
     roles = input_roles(proto, find_embedding(proto, base.model.get_input_embeddings().weight.detach().numpy()).gathers)
+    cache = cache_outputs(proto, roles)
     with atomic_output_dir(entry, overwrite=True) as tmp:
         publishable(tmp)
         save_model(proto, tmp)
@@ -412,6 +413,7 @@ def _write_base(entry: Path, proto, base: _Base, source: dict) -> None:
             "inputs": list(roles),
             "input_roles": roles,
             "outputs": graph_outputs(proto),
+            "kv_cache": cache,
             "model_file": "model.onnx",
             "extension_initializers": {"embed": None, "head": None},
             "base_onnx": None,

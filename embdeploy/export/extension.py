@@ -74,7 +74,7 @@ def export_extension(
     from ..onnx import rewrite as rw
     from ..onnx.io import load_model, save_model
     from . import base as base_export
-    from .graph import input_roles, to_float16
+    from .graph import cache_outputs, input_roles, to_float16
     from .validate import PROVIDERS
     from .validate import validate as run_validation
 
@@ -126,6 +126,7 @@ def export_extension(
     if emb.dtype.name == "float32" and dtype == "fp16":
         proto = to_float16(proto)  # a user's float32 base (ours come from the cache already cast)
     roles = (base_manifest or {}).get("input_roles") or input_roles(proto, emb.gathers)
+    cache = cache_outputs(proto, roles)  # {past_key_values.*: present.*}; empty without a KV cache
     head_table = head_ext = None
     if ext.head_mode == "untied":
         head_table = ext.base_head_table().detach().cpu().numpy()
@@ -147,7 +148,7 @@ def export_extension(
         config = copy.deepcopy(ext.model.config)
         config.vocab_size = ext.V + ext.K
         config.save_pretrained(str(tmp))
-        manifest = _manifest(ext, mode, dtype, tmp, base_path, extension_dir, roles)
+        manifest = _manifest(ext, mode, dtype, tmp, base_path, extension_dir, roles, cache)
         write_manifest(tmp, manifest)
         timings["write"] = time.perf_counter() - t
         if validate:
@@ -188,7 +189,7 @@ def _user_base(path: Path, ext) -> tuple[Path, dict | None]:
     return path, manifest
 
 
-def _manifest(ext, mode, dtype, tmp: Path, base_path: Path, extension_dir, roles) -> dict:
+def _manifest(ext, mode, dtype, tmp: Path, base_path: Path, extension_dir, roles, cache) -> dict:
     import onnx
 
     from ..onnx.rewrite import EXT_EMBED, EXT_HEAD
@@ -209,6 +210,7 @@ def _manifest(ext, mode, dtype, tmp: Path, base_path: Path, extension_dir, roles
         "inputs": fed,
         "input_roles": {n: roles[n] for n in fed if n in roles},
         "outputs": graph_outputs(graph),
+        "kv_cache": cache,
         "model_file": "model.onnx",
         "extension_initializers": {
             "embed": EXT_EMBED if mode != "merged" else None,

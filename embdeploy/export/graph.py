@@ -3,7 +3,9 @@
 `input_roles` says which graph input is which (input_ids, attention_mask, ...),
 so a base ONNX made by another exporter, with other input names, can be fed
 by validation. The ids input is found structurally (it feeds the
-word-embedding Gather), the others by name.
+word-embedding Gather), the others by name. A decoder exported with a KV cache
+(optimum's `text-generation-with-past`) has `past_key_values.*` inputs (role
+PAST) and `present.*` outputs; `cache_outputs` pairs them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from ..errors import EmbdeployError
 
 _PASS_THROUGH = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Clip")
 _FP16_MAX = float(np.finfo(np.float16).max)
+PAST = "past_key_values"  # the role of every KV-cache input; the other roles have one input each
+_PAST_PREFIXES = ("past_key_values", "past_key", "past_value")
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[str]:
@@ -30,6 +35,8 @@ def graph_outputs(model: onnx.ModelProto) -> list[str]:
 
 def _role_by_name(name: str) -> str | None:
     n = name.lower()
+    if n.startswith(_PAST_PREFIXES):
+        return PAST
     if "past" in n or "cache" in n or "present" in n:
         return None
     if "mask" in n:
@@ -58,18 +65,23 @@ def input_roles(model: onnx.ModelProto, gathers: tuple[int, ...] = ()) -> dict[s
             name = producer[name].input[0]
         if name in names:
             ids_inputs.add(name)
+    declared = {i.name: i for i in model.graph.input}
     roles, unknown = {}, []
     for name in names:
         role = "input_ids" if name in ids_inputs else _role_by_name(name)
-        if role is None or role in roles.values():
-            unknown.append(name)
+        if role == PAST and not _is_cache(declared[name]):
+            unknown.append(f"{name!r} (a KV cache must be a 4-D float tensor (batch, heads, past, head_dim) with "
+                           "heads and head_dim fixed)")
+        elif role is None or (role != PAST and role in roles.values()):
+            unknown.append(repr(name))
         else:
             roles[name] = role
     if unknown:
         raise EmbdeployError(
-            f"the ONNX model has inputs embdeploy cannot fill: {', '.join(map(repr, unknown))}. It feeds token ids, "
-            "an attention mask, token type ids and position ids (one input each); export the base without a KV "
-            "cache or other extra inputs (e.g. optimum task 'feature-extraction' or 'text-generation', not '-with-past')"
+            f"the ONNX model has inputs embdeploy cannot fill: {', '.join(unknown)}. It feeds token ids, "
+            "an attention mask, token type ids and position ids (one input each) and an empty KV cache "
+            "(past_key_values.*); export the base without other inputs (e.g. optimum task 'feature-extraction', "
+            "'text-generation' or 'text-generation-with-past')"
         )
     if "input_ids" not in roles.values():
         raise EmbdeployError(
@@ -77,6 +89,39 @@ def input_roles(model: onnx.ModelProto, gathers: tuple[int, ...] = ()) -> dict[s
             "embdeploy needs a model that takes token ids"
         )
     return roles
+
+
+def _is_cache(vi: onnx.ValueInfoProto) -> bool:
+    t = vi.type.tensor_type
+    dims = list(t.shape.dim)
+    return t.elem_type in _FLOATS and len(dims) == 4 and all(d.HasField("dim_value") for d in (dims[1], dims[3]))
+
+
+def cache_outputs(model: onnx.ModelProto, roles: dict[str, str]) -> dict[str, str]:
+    """{past input: present output}: the graph output that is the cache after this step, for every PAST input.
+
+    `past_key_values.0.key` pairs with `present.0.key` (optimum's and transformers' names). Raises
+    naming the inputs without such an output: their cache could not be fed back for the next token.
+    """
+    outputs = set(graph_outputs(model))
+    pairs, missing = {}, []
+    for name, role in roles.items():
+        if role != PAST:
+            continue
+        prefix = next(p for p in _PAST_PREFIXES if name.startswith(p))
+        present = "present" + name[len(prefix):] if prefix == PAST else name.replace("past", "present", 1)
+        if present in outputs:
+            pairs[name] = present
+        else:
+            missing.append(f"{name!r} (no output {present!r})")
+    if missing:
+        raise EmbdeployError(
+            f"the ONNX model has KV-cache inputs without a matching present.* output: {', '.join(missing)}; "
+            "embdeploy validates a decode step by feeding each present.* back as past_key_values.*. Export the "
+            "decoder with its cache outputs (optimum task 'text-generation-with-past'), or without a cache "
+            "('text-generation')"
+        )
+    return pairs
 
 
 # --------------------------------------------------------------------------- float16
