@@ -12,6 +12,13 @@ model wrapped like the export, see `wrapper.task_outputs`):
     padding            a batch of very different lengths, right-padded
     one token          batch 1, sequence 1: shapes unlike the export's dummy (2, 16)
 
+A decoder exported with a KV cache (`past_key_values.*` inputs, `present.*`
+outputs, recorded as `kv_cache` in embdeploy.json) runs every probe with an
+empty past (sequence length 0), then one decode step: the probe's present.*
+fed back as past with one more token per row (the new ids V..V+K-1 in turn),
+compared with PyTorch's full-sequence outputs at the last position. present.*
+themselves are checked for shape only; the decode step is what proves them.
+
 Per probe and output: names and shapes must match, values must be finite, and
 max |ort - torch|, mean |ort - torch| and the worst cosine (over the last axis,
 per row) must be within TOLERANCES[(dtype, provider)]. Per-token outputs are
@@ -399,36 +406,105 @@ def _session(model_path: Path, provider: str, options=None):
 
 
 def _run_probes(sess, roles: dict[str, str], reference, probes, tol, report, label: str = "", base_V=None,
-                extra_feeds: dict | None = None) -> None:
+                extra_feeds: dict | None = None, cache: dict[str, str] | None = None,
+                step_ids: list[int] | None = None) -> None:
+    """Run every probe through ORT and PyTorch and add the checks to `report`.
+
+    With a KV cache (`cache`: {past input: present output}) each probe runs with an empty past, then one
+    decode step feeds its present.* back with one more token per row (from `step_ids`); that step's
+    outputs are compared with PyTorch's full-sequence outputs at the last position.
+    """
     names = [o.name for o in sess.get_outputs()]
-    types = {i.name: i.type for i in sess.get_inputs()}
+    inputs = {i.name: i for i in sess.get_inputs()}
+    cache = cache or {}
+    compared = [n for n in names if n not in set(cache.values())]  # present.*: checked through the decode step
     mapping = None
-    for probe in probes:
-        feeds = _role_feeds(probe)
-        ort_feed = {}
-        for name, role in roles.items():
-            dtype = _ORT_INT.get(types.get(name))
-            if dtype is None:
-                report.problems.append(f"input {name!r} has type {types.get(name)}; embdeploy feeds int64 or int32 ids")
-                return
-            ort_feed[name] = feeds[role].astype(dtype)
+
+    unfillable = False
+
+    def run(probe: Probe, feeds: dict, past: dict | None) -> dict | None:
+        nonlocal unfillable
+        ort_feed, problem = _ort_feed(roles, inputs, feeds, past)
+        if problem:
+            report.problems.append(problem)
+            unfillable = True
+            return None
         ort_feed.update(extra_feeds or {})
         try:
-            got = sess.run(None, ort_feed)
+            return dict(zip(names, sess.run(None, ort_feed)))
         except Exception as e:  # ORT's RuntimeException etc.
             report.problems.append(f"{label}{probe.name}: ONNX Runtime failed: {str(e).splitlines()[0]}")
-            continue
-        ref = reference(feeds, base_V)
+            return None
+
+    def check(probe: Probe, got: dict, ref: dict) -> None:
+        nonlocal mapping
         if mapping is None:
-            mapping, problems = _match_outputs(names, got, ref)
+            mapping, problems = _match_outputs(compared, [np.asarray(got[n]) for n in compared], ref)
             report.problems.extend(problems)
-        for name, value in zip(names, got):
+        for name in compared:
             if name in mapping:
-                check = _compare(probe, name, np.asarray(value), ref[mapping[name]], tol)
-                check.probe = label + check.probe
-                if check.problem:
-                    check.problem = label + check.problem
-                report.checks.append(check)
+                c = _compare(probe, name, np.asarray(got[name]), ref[mapping[name]], tol)
+                c.probe = label + c.probe
+                if c.problem:
+                    c.problem = label + c.problem
+                report.checks.append(c)
+
+    for index, probe in enumerate(probes):
+        feeds = _role_feeds(probe)
+        got = run(probe, feeds, None)
+        if unfillable:
+            return  # an input embdeploy cannot feed: every probe would say the same
+        if got is None:
+            continue
+        check(probe, got, reference(feeds, base_V))
+        if not cache:
+            continue
+        B, S = probe.input_ids.shape
+        bad = [p for p in cache.values() if got[p].ndim != 4 or got[p].shape[0] != B or got[p].shape[2] != S]
+        if bad:
+            report.problems.append(f"{label}{probe.name}: present output(s) {', '.join(bad)} are not (batch {B}, "
+                                   f"heads, {S}, head_dim) after a prefill of {S} tokens with an empty past")
+            continue
+        full = _decode_probe(probe, step_ids, index)
+        full_feeds = _role_feeds(full)
+        step_feeds = {r: v if r == "attention_mask" else v[:, -1:] for r, v in full_feeds.items()}
+        step = Probe(f"decode step after {probe.name}", full.input_ids[:, -1:], full.attention_mask[:, -1:])
+        got = run(step, step_feeds, {past: got[present] for past, present in cache.items()})
+        if got is not None:
+            ref = {k: v[:, -1:] if v.ndim >= 3 and v.shape[:2] == full.input_ids.shape else v
+                   for k, v in reference(full_feeds, base_V).items()}
+            check(step, got, ref)
+
+
+def _decode_probe(probe: Probe, step_ids: list[int], index: int) -> Probe:
+    """`probe` with one more real token per row, taken in turn from `step_ids` (from row `index` on)."""
+    B = probe.input_ids.shape[0]
+    nxt = np.array([step_ids[(index + b) % len(step_ids)] for b in range(B)], np.int64)[:, None]
+    return Probe(probe.name, np.concatenate([probe.input_ids, nxt], axis=1),
+                 np.concatenate([probe.attention_mask, np.ones((B, 1), np.int64)], axis=1))
+
+
+def _ort_feed(roles: dict[str, str], inputs: dict, feeds: dict, past: dict | None) -> tuple[dict, str | None]:
+    """The ORT feed of one run: role arrays in the graph's int type; PAST inputs from `past`, else empty."""
+    from ..bench.inputs import empty_past
+    from .graph import PAST
+
+    batch = feeds["input_ids"].shape[0]
+    out = {}
+    for name, role in roles.items():
+        inp = inputs[name]
+        if role == PAST:
+            value = past[name] if past is not None else empty_past(inp, batch)
+            if value is None:
+                return {}, (f"input {name!r} {inp.type} {inp.shape} is a KV cache embdeploy cannot fill: it feeds "
+                            "a 4-D float (batch, heads, 0, head_dim) with heads and head_dim fixed in the graph")
+            out[name] = value
+            continue
+        dtype = _ORT_INT.get(inp.type)
+        if dtype is None:
+            return {}, f"input {name!r} has type {inp.type}; embdeploy feeds int64 or int32 ids"
+        out[name] = feeds[role].astype(dtype)
+    return out, None
 
 
 @contextlib.contextmanager
@@ -509,6 +585,12 @@ def validate(
     report.new_ids_checked = K
     reference = _Reference(ext, task, pooling, set(roles.values()))
     base_V = ext.V if mode == "base" else None
+    cache = m.get("kv_cache") or {}
+    # A decode step's extra token: every new id in turn (an id below V for a base export).
+    step_ids = list(range(ext.V, ext.V + K)) if K else [ext.V - 1]
+    if cache:
+        report.notes.append(f"KV-cache decoder: every probe runs with an empty past ({len(cache)} past_key_values "
+                            "inputs), then one decode step feeds its present.* back with one more token")
 
     model_path = onnx_dir / m.get("model_file", "model.onnx")
     sess = _session(model_path, provider)
@@ -519,11 +601,12 @@ def validate(
     if fed != set(roles):
         report.problems.append(f"the graph's inputs {sorted(fed)} differ from the manifest's {sorted(roles)}")
     else:
-        _run_probes(sess, roles, reference, probes, report.tolerance, report, base_V=base_V)
+        _run_probes(sess, roles, reference, probes, report.tolerance, report, base_V=base_V, cache=cache,
+                    step_ids=step_ids)
     del sess
 
     if mode == "swap" and not report.problems:
-        _swap_check(model_path, provider, ext, m, roles, reference, probes, report)
+        _swap_check(model_path, provider, ext, m, roles, reference, probes, report, cache, step_ids)
     report.seconds = time.perf_counter() - t0
     if not report.passed:
         lines = report.failures()
@@ -537,7 +620,7 @@ def validate(
     return report
 
 
-def _swap_check(model_path, provider, ext, m, roles, reference, probes, report) -> None:
+def _swap_check(model_path, provider, ext, m, roles, reference, probes, report, cache, step_ids) -> None:
     import onnxruntime as ort
 
     from ..onnx.rewrite import EXT_EMBED, EXT_HEAD, swap_session_options
@@ -561,7 +644,7 @@ def _swap_check(model_path, provider, ext, m, roles, reference, probes, report) 
     sess = _session(model_path, provider, so)
     with _extension_rows(ext, embed.astype(np.float32), None if head is None else head.astype(np.float32)):
         _run_probes(sess, roles, reference, new_probes, report.tolerance, report, label="swapped table: ",
-                    extra_feeds=feeds)
+                    extra_feeds=feeds, cache=cache, step_ids=step_ids)
 
 
 def validate_dir(onnx_dir, ext_dir=None, provider: str = "cpu") -> ValidationReport:

@@ -159,6 +159,16 @@ def _read_export(onnx_dir: Path, verify: bool) -> _Export:
     m = verify_dir(onnx_dir) if verify else read_manifest(onnx_dir)
     problems = []
     roles = m.get("input_roles") or {n: n for n in m["inputs"]}
+    past = [n for n, r in roles.items() if r == "past_key_values"]
+    if past:
+        # Generation (a cache carried from step to step, sampling) is another program than one-shot encode/run.
+        raise EmbdeployError(
+            f"{onnx_dir} is a decoder exported with a KV cache ({len(past)} inputs: {', '.join(past[:2])}"
+            f"{', …' if len(past) > 2 else ''}); runtime.Session runs whole sequences and keeps no cache, so it "
+            "cannot serve it. Run it with onnxruntime directly (feed past_key_values.*, read present.*: "
+            "embdeploy.json's kv_cache pairs them), or export the extension onto a base without the cache "
+            "(optimum task 'text-generation') to serve it with Session"
+        )
     unknown = [f"{n!r} ({r!r})" for n, r in roles.items() if r not in ROLES]
     if unknown:
         problems.append(f"inputs with roles the runtime cannot fill: {', '.join(unknown)}")
