@@ -22,13 +22,14 @@ if str(ROOT) not in sys.path:  # `pytest tests_optimum` as well as `python -m py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tests.conftest import make_bpe_tokenizer, tiny_bert, tiny_gpt2  # noqa: E402  (the same tiny models)
+from tests.conftest import make_bpe_tokenizer, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402  (the same tiny models)
 
 NEW_TOKENS = ["hyperkalemia", "troponin", "zorblax", "qwertyx"]
-ARCHS = ("bert", "bert-mlm", "gpt2", "minilm")
+ARCHS = ("bert", "bert-mlm", "gpt2", "minilm")  # llama: only the with-past tests (test_base_onnx.py)
 MODES = ("merged", "split", "swap")
 # optimum's task names for our archs (the plain export, without a KV cache)
-TASKS = {"bert": "feature-extraction", "bert-mlm": "fill-mask", "gpt2": "text-generation", "minilm": "feature-extraction"}
+TASKS = {"bert": "feature-extraction", "bert-mlm": "fill-mask", "gpt2": "text-generation", "llama": "text-generation",
+         "minilm": "feature-extraction"}
 
 
 def pytest_configure(config):
@@ -62,8 +63,9 @@ def model_dirs(tmp_path_factory):
         ("bert", tiny_bert(), wordpiece),
         ("bert-mlm", tiny_bert(masked_lm=True), wordpiece),
         ("gpt2", None, make_bpe_tokenizer()),
+        ("llama", None, make_bpe_tokenizer()),  # untied head: the extension has head rows too
     ):
-        model = model if model is not None else tiny_gpt2(len(tok))
+        model = model if model is not None else {"gpt2": tiny_gpt2, "llama": tiny_llama}[arch](len(tok))
         d = root / arch
         model.save_pretrained(str(d))
         tok.save_pretrained(str(d))

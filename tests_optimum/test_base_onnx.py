@@ -39,21 +39,142 @@ def test_optimum_cli_base_is_rewritten_and_validated(extensions, optimum_bases, 
         assert m["input_roles"].get("position_ids") == "position_ids"
 
 
-def test_decoder_with_past_is_refused_with_the_fix(extensions, optimum_bases, tmp_path):
-    """A KV-cache decoder (optimum's text-generation-with-past) has inputs validation cannot fill; the
-    error names them and the export to make instead, and nothing is written."""
-    from embdeploy.errors import EmbdeployError
+WITH_PAST = ("gpt2", "llama")  # tied head; untied head (head rows in the extension), grouped-query attention
+
+
+def _with_past(optimum_bases, arch):
+    base = optimum_bases(arch, "text-generation-with-past")
+    graph = onnx.load(str(base / "model.onnx"), load_external_data=False).graph
+    past = [i.name for i in graph.input if i.name.startswith("past_key_values")]
+    assert past, "optimum exported no past_key_values inputs"
+    return base, graph, past
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("arch", WITH_PAST)
+def test_decoder_with_past_base_is_rewritten_and_validated(extensions, optimum_bases, tmp_path, arch, mode):
+    """optimum's text-generation-with-past export as --base-onnx: every probe runs with an empty cache, then
+    one decode step feeds present.* back with a new id; both compared with PyTorch in every mode."""
     from embdeploy.export import export_extension
 
-    base = optimum_bases("gpt2", "text-generation-with-past")
-    past = [i.name for i in onnx.load(str(base / "model.onnx"), load_external_data=False).graph.input
-            if i.name.startswith("past_key_values")]
-    assert past, "optimum exported no past_key_values inputs"
+    base, graph, past = _with_past(optimum_bases, arch)
+    ext, _ = extensions[arch]
+    res = export_extension(ext, mode, tmp_path / "out", base_onnx=base)
+    m, report = res.manifest, res.report
+    assert report.passed and report.new_ids_checked == ext.K
+    assert m["outputs"] == [o.name for o in graph.output]
+    assert m["kv_cache"] == {p: p.replace("past_key_values", "present") for p in past}
+    assert {m["input_roles"][p] for p in past} == {"past_key_values"} and set(m["inputs"]) == set(m["input_roles"])
+    assert {c.output for c in report.checks} == {"logits"}  # present.* are proven by the decode step
+    probes = {c.probe for c in report.checks}
+    prefill = {p for p in probes if "decode step" not in p and not p.startswith("swapped")}
+    assert {"new ids (direct)", "padding", "one token"} <= prefill
+    assert {f"decode step after {p}" for p in prefill} <= probes
+    if mode == "swap":
+        assert "swapped table: decode step after new ids (direct)" in probes
+    assert any("KV-cache decoder" in n for n in report.notes)
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _redigest(d, name):
+    import json
+
+    from embdeploy.export.manifest import MANIFEST
+    from embdeploy.fingerprint import file_digest
+
+    m = json.loads((d / MANIFEST).read_text())
+    m["files"][name] = file_digest(d / name)
+    (d / MANIFEST).write_text(json.dumps(m))
+    return m
+
+
+@pytest.fixture(scope="module")
+def split_with_past(extensions, optimum_bases, tmp_path_factory):
+    from embdeploy.export import export_extension
+
+    base, _, _ = _with_past(optimum_bases, "gpt2")
     ext, _ = extensions["gpt2"]
-    with pytest.raises(EmbdeployError, match=r"inputs embdeploy cannot fill: .*past_key_values.*'text-generation', "
-                                             r"not '-with-past'"):
-        export_extension(ext, "merged", tmp_path / "out", base_onnx=base)
-    assert not (tmp_path / "out").exists()
+    return ext, export_extension(ext, "split", tmp_path_factory.mktemp("past") / "split", base_onnx=base).out
+
+
+def test_corrupted_extension_table_of_a_with_past_export_fails_validation(split_with_past, tmp_path):
+    import numpy as np
+    from onnx.external_data_helper import ExternalDataInfo
+
+    from embdeploy.errors import ValidationFailed
+    from embdeploy.export.validate import validate
+    from embdeploy.onnx.rewrite import EXT_EMBED
+
+    ext, out = split_with_past
+    d = _copy(out, tmp_path / "d")
+    model = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    (tensor,) = [t for t in model.graph.initializer if t.name == EXT_EMBED]
+    info = ExternalDataInfo(tensor)
+    raw = bytearray((d / info.location).read_bytes())
+    start, length = int(info.offset or 0), int(info.length)
+    rows = np.frombuffer(bytes(raw[start : start + length]), dtype=np.float32)
+    raw[start : start + length] = (rows[::-1] + 0.5).astype(np.float32).tobytes()
+    (d / info.location).write_bytes(bytes(raw))
+    _redigest(d, info.location)  # as a careless copy would: only the numbers can tell
+    with pytest.raises(ValidationFailed, match=r"new tokens \(text\) / logits: max \|diff\|") as err:
+        validate(d, ext)
+    failed = {c.probe for c in err.value.report.checks if not c.ok}
+    assert {"new ids (direct)", "one token", "decode step after new ids (direct)", "decode step after base only"} <= failed
+
+
+def test_a_wrong_cache_fed_back_fails_the_decode_step_only(split_with_past, tmp_path):
+    """The decode step is a check of its own: a cache fed back wrongly (keys and values crossed) passes every
+    prefill and fails every decode step."""
+    import json
+
+    from embdeploy.errors import ValidationFailed
+    from embdeploy.export.manifest import MANIFEST
+    from embdeploy.export.validate import validate
+
+    ext, out = split_with_past
+    d = _copy(out, tmp_path / "d")
+    m = json.loads((d / MANIFEST).read_text())
+    crossed = {p: m["kv_cache"][p.replace(".key", ".value") if p.endswith(".key") else p.replace(".value", ".key")]
+               for p in m["kv_cache"]}
+    assert crossed != m["kv_cache"]
+    m["kv_cache"] = crossed
+    (d / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ValidationFailed) as err:
+        validate(d, ext)
+    checks = err.value.report.checks
+    assert {c.probe for c in checks if not c.ok} == {c.probe for c in checks if c.probe.startswith("decode step")}
+    assert any(not c.ok for c in checks)
+
+
+def test_bench_feeds_a_with_past_export_an_empty_cache(split_with_past):
+    """The benchmark's feed (bench.inputs.session_feed, shared with validation) runs the with-past graph."""
+    import onnxruntime as ort
+
+    from embdeploy.bench.inputs import NEW_MIX, session_feed, token_ids
+
+    ext, out = split_with_past
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = session_feed(sess, token_ids(2, 5, ext.V, ext.K, NEW_MIX, 0.25, seed=0))
+    past = [n for n in feed if n.startswith("past_key_values")]
+    assert past and all(feed[n].shape[0] == 2 and feed[n].shape[2] == 0 for n in past)
+    logits = sess.run(["logits"], feed)[0]
+    assert logits.shape == (2, 5, ext.V + ext.K)
+
+
+def test_runtime_session_refuses_a_with_past_export_with_the_fix(split_with_past):
+    from embdeploy.errors import EmbdeployError
+    from embdeploy.runtime import Session
+
+    _, out = split_with_past
+    with pytest.raises(EmbdeployError, match=r"KV cache \(2 inputs: past_key_values\.0\.key.*keeps no cache.*"
+                                             r"'text-generation'"):
+        Session(out, providers="cpu")
 
 
 def test_optimum_base_of_another_model_is_refused(extensions, optimum_bases, tmp_path):
