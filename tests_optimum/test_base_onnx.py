@@ -190,9 +190,9 @@ def test_optimum_base_of_another_model_is_refused(extensions, optimum_bases, tmp
 
 
 def test_rewrite_alone_handles_a_decoder_with_past(extensions, optimum_bases, tmp_path):
-    """What is missing for KV-cache decoders is validation (it cannot fill past_key_values), not the rewrite:
-    the merged rewrite of optimum's with-past GPT-2 matches PyTorch on new ids, in the prefill and in a
-    decode step that feeds the cache back."""
+    """The merged rewrite alone, against PyTorch's own cache (use_cache=True, not the full-sequence logits that
+    validation compares with): optimum's with-past GPT-2 matches on new ids, in the prefill and in a decode
+    step that feeds the cache back."""
     import numpy as np
     import onnxruntime as ort
     import torch
