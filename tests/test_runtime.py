@@ -372,7 +372,7 @@ def test_many_threads_one_session(exports):
     expected = [session.encode(t)["sentence_embedding"] for t in inputs]
     calls, errors, elapsed = _hammer(
         lambda i: np.testing.assert_array_equal(session.encode(inputs[i % 8])["sentence_embedding"], expected[i % 8]),
-        threads=8, seconds=30, max_calls=400,
+        threads=8, seconds=300, max_calls=400,  # the deadline only guards a hang; the count is what matters
     )
     texts = sum(len(inputs[i % 8]) for i in range(calls))
     print(f"\nSession, 8 threads: {calls} calls, {texts} texts in {elapsed:.2f}s = {calls / elapsed:.0f} calls/s, "
@@ -405,7 +405,7 @@ def test_swaps_under_load_never_mix_tables(exports):
     thread = threading.Thread(target=swapper)
     thread.start()
     try:
-        calls, errors, _ = _hammer(work, threads=6, seconds=30, max_calls=300)
+        calls, errors, _ = _hammer(work, threads=6, seconds=300, max_calls=300)  # deadline: a hang guard only
     finally:
         stop.set()
         thread.join(30)
