@@ -205,7 +205,7 @@ def test_load_many_concurrent_clients(server, session):
         assert status == 200, got
         np.testing.assert_array_equal(np.asarray(got["data"], np.float32), expected[i % len(inputs)])
 
-    calls, errors, elapsed = _hammer(work, threads=16, seconds=60, max_calls=400)
+    calls, errors, elapsed = _hammer(work, threads=16, seconds=300, max_calls=400)  # deadline: a hang guard only
     texts = sum(len(inputs[i % len(inputs)]) for i in range(calls) if i % 10 != 9)
     print(f"\nHTTP, 16 clients: {calls} requests ({texts} texts) in {elapsed:.2f}s = {calls / elapsed:.0f} req/s, "
           f"{texts / elapsed:.0f} texts/s")
