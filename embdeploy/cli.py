@@ -255,7 +255,7 @@ def export(
         help="merged: one (V+K)xH table, loads anywhere [default]. "
         "split: base and extension in separate files joined by Concat; ORT folds the Concat at session "
         "creation, so each session holds a private full copy of the table instead of a shared memory map "
-        "(MiniLM: 93 MB private vs 47 MB for merged; see perf/README.md). swap: two Gathers + Where; the base stays shared, the extension table can be "
+        "(MiniLM: 92 MB private vs 46 MB for merged; see perf/README.md). swap: two Gathers + Where; the base stays shared, the extension table can be "
         "replaced per session without re-export; a few elementwise ops per token.",
     ),
     recipe: Optional[Path] = typer.Option(None, help="Declarative export recipe (JSON, see export/); options given here override it."),
