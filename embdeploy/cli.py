@@ -344,7 +344,7 @@ def bench(
     save_baseline: Optional[Path] = typer.Option(None, help="Write this run's ratios as a baseline JSON."),
 ):
     """Time base vs extended exports interleaved in one run (p50/p90/p99, throughput, ratio to base), session memory; optional regression gate."""
-    from .bench import check_baseline, render_memory_table, render_table, run_bench, write_markdown, write_plot
+    from .bench import check_baseline, print_result, run_bench, write_markdown, write_plot
     from .bench import save_baseline as write_baseline
     from .bench import parse_shapes
 
@@ -354,10 +354,7 @@ def bench(
     if json_out:
         out.print_json(result.to_json())
     else:
-        out.print(render_table(result))
-        mem = render_memory_table(result)
-        if mem is not None:
-            out.print(mem)
+        print_result(out, result)
     if report_md:
         write_markdown(result, report_md)
         console.print(f"wrote {report_md}")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE.parent))
 from synth_models import build_synthetic, write_manifest  # noqa: E402
 
 from embdeploy.bench import (  # noqa: E402
-    DEFAULT_ROUNDS, parse_shapes, render_memory_table, render_table, run_bench, save_baseline, write_markdown,
+    DEFAULT_ROUNDS, parse_shapes, print_result, run_bench, save_baseline, write_markdown,
     write_plot,
 )
 from embdeploy.errors import EmbdeployError  # noqa: E402
@@ -125,10 +125,7 @@ def main(argv=None) -> int:
     if args.save_baseline:
         save_baseline(result, args.save_baseline)
     out = Console() if sys.stdout.isatty() else Console(width=140)
-    out.print(render_table(result))
-    memory = render_memory_table(result)
-    if memory is not None:
-        out.print(memory)
+    print_result(out, result)
     console.print(f"wrote {args.out / name}.{{json,md,png}} in {time.perf_counter() - t0:.0f} s")
     return 0
 

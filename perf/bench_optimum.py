@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from synth_models import write_manifest  # noqa: E402
 
-from embdeploy.bench import parse_shapes, render_memory_table, render_table, run_bench  # noqa: E402
+from embdeploy.bench import parse_shapes, print_result, run_bench  # noqa: E402
 from embdeploy.bench.artifacts import load_artifact  # noqa: E402
 from embdeploy.bench.report import markdown  # noqa: E402
 from embdeploy.errors import EmbdeployError  # noqa: E402
@@ -229,10 +229,7 @@ def main(argv=None) -> int:
     (args.out / f"{args.name}.md").write_text(header(command, result, vers, agree, elapsed, optimum_io, load)
                                                + markdown(result))
     out = Console() if sys.stdout.isatty() else Console(width=140)
-    out.print(render_table(result))
-    memory = render_memory_table(result)
-    if memory is not None:
-        out.print(memory)
+    print_result(out, result)
     console.print(f"wrote {args.out / args.name}.{{json,md}} in {elapsed:.0f} s")
     return 0
 

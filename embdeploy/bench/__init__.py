@@ -8,13 +8,13 @@ Timing is interleaved and reported as ratios to the base (DESIGN.md, idea 6).
 """
 
 from .gate import Comparison, check_baseline, load_baseline, save_baseline
-from .report import render_memory_table, render_table, write_markdown, write_plot
+from .report import print_result, render_memory_table, render_table, write_markdown, write_plot
 from .result import BenchResult, LatencyRow, MultiSessionRow, SessionCost, Skipped, VariantInfo
 from .runner import DEFAULT_ROUNDS, DEFAULT_SHAPES, DEFAULT_WARMUP, parse_shapes, run_bench
 
 __all__ = [
     "BenchResult", "Comparison", "LatencyRow", "MultiSessionRow", "SessionCost", "Skipped", "VariantInfo",
     "DEFAULT_ROUNDS", "DEFAULT_SHAPES", "DEFAULT_WARMUP",
-    "check_baseline", "load_baseline", "parse_shapes", "render_memory_table", "render_table", "run_bench",
+    "check_baseline", "load_baseline", "parse_shapes", "print_result", "render_memory_table", "render_table", "run_bench",
     "save_baseline", "write_markdown", "write_plot",
 ]

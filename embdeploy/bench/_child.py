@@ -19,6 +19,14 @@ from .inputs import BASE_MIX, NEW_MIX, session_feed, token_ids
 MB = procmem.MB
 
 
+def _fell_back(sess) -> dict | None:
+    """The error to report when a session asked for CUDA runs on the CPU instead; None when it is on CUDA."""
+    used = sess.get_providers()
+    if "CUDAExecutionProvider" in used:
+        return None
+    return {"error": f"onnxruntime fell back to {used}: no usable CUDA device"}
+
+
 def measure_session(spec: dict) -> dict:
     """One session: creation time, peak and resident memory, GPU memory for CUDA."""
     files = tables.external_files(spec["model"])
@@ -27,9 +35,8 @@ def measure_session(spec: dict) -> dict:
     t0 = time.perf_counter()
     sess = sessions.create_session(spec["model"], spec["provider"], spec["threads"])
     create_s = time.perf_counter() - t0
-    used = sess.get_providers()
-    if spec["provider"] == "cuda" and "CUDAExecutionProvider" not in used:
-        return {"error": f"onnxruntime fell back to {used}: no usable CUDA device"}
+    if spec["provider"] == "cuda" and (error := _fell_back(sess)):
+        return error
     mix = NEW_MIX if spec["K"] > 0 else BASE_MIX
     sess.run(None, session_feed(sess, token_ids(1, 16, spec["V"], spec["K"], mix, 0.25, 0)))
     after = procmem.status()
@@ -147,8 +154,8 @@ def measure_multi_cuda(spec: dict) -> dict:
         own_info = inits[spec["ext_name"]]
         template = rng.standard_normal(own_info.dims).astype(tables.numpy_dtype(own_info))
         sess = sessions.create_session(model, "cuda", threads)
-        if "CUDAExecutionProvider" not in sess.get_providers():
-            return {"error": f"onnxruntime fell back to {sess.get_providers()}: no usable CUDA device"}
+        if (error := _fell_back(sess)):
+            return error
         if own_info.name not in {i.name for i in sess.get_overridable_initializers()}:
             return {"error": f"{model} does not declare its extension table {own_info.name!r} as a graph input, so "
                              "a tenant's table cannot be fed on CUDA; re-export it with `embdeploy export --mode swap`"}
@@ -177,8 +184,8 @@ def measure_multi_cuda(spec: dict) -> dict:
             "none: one session per tenant's export", 0.0
         for _ in range(n):
             sess = sessions.create_session(model, "cuda", threads)
-            if "CUDAExecutionProvider" not in sess.get_providers():
-                return {"error": f"onnxruntime fell back to {sess.get_providers()}: no usable CUDA device"}
+            if (error := _fell_back(sess)):
+                return error
             sess.run(None, session_feed(sess, ids))
             live.append(sess)
             gpu.append(procmem.gpu_used_mb())

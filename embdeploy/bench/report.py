@@ -52,6 +52,14 @@ def render_table(result: BenchResult):
     return table
 
 
+def print_result(console, result: BenchResult) -> None:
+    """The latency table, then the memory tables when memory was measured, on a rich `console`."""
+    console.print(render_table(result))
+    memory = render_memory_table(result)
+    if memory is not None:
+        console.print(memory)
+
+
 def render_memory_table(result: BenchResult):
     """Session cost and N-session tables (rich renderables), or None when memory was not measured."""
     from rich.console import Group

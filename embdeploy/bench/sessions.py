@@ -70,7 +70,7 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
-def add_table(so, name: str, table: np.ndarray, keep: list, device: str = "cpu") -> None:
+def add_table(so, name: str, table: np.ndarray, keep: list) -> None:
     """Supply initializer `name` from `table` instead of the file.
 
     ORT keeps a pointer into the numpy buffer, not a reference to it: the array
@@ -79,14 +79,12 @@ def add_table(so, name: str, table: np.ndarray, keep: list, device: str = "cpu")
     """
     rt = ort()
     table = np.ascontiguousarray(table)
-    # On CUDA the value must already be on the GPU: ORT ignores a CPU initializer it planned for the device.
-    value = rt.OrtValue.ortvalue_from_numpy(table) if device == "cpu" else rt.OrtValue.ortvalue_from_numpy(table, device, 0)
+    value = rt.OrtValue.ortvalue_from_numpy(table)
     keep.append((table, value))
     so.add_initializer(name, value)
 
 
-def swap_options(ext_name: str, table: np.ndarray, threads: int, keep: list, disable_prepacking: bool = False,
-                 device: str = "cpu"):
+def swap_options(ext_name: str, table: np.ndarray, threads: int, keep: list, disable_prepacking: bool = False):
     """SessionOptions that give a swap export another (K, H) extension table.
 
     Goes through embdeploy.onnx.rewrite.swap_session_options, the call a
@@ -95,8 +93,8 @@ def swap_options(ext_name: str, table: np.ndarray, threads: int, keep: list, dis
     from ..onnx.rewrite import EXT_EMBED, swap_session_options
 
     so = session_options(threads, disable_prepacking)
-    if ext_name == EXT_EMBED and device == "cpu":
+    if ext_name == EXT_EMBED:
         keep.append(table)
         return swap_session_options(so, table)
-    add_table(so, ext_name, table, keep, device=device)
+    add_table(so, ext_name, table, keep)
     return so

@@ -621,8 +621,6 @@ def validate(
 
 
 def _swap_check(model_path, provider, ext, m, roles, reference, probes, report, cache, step_ids) -> None:
-    import onnxruntime as ort
-
     from ..onnx.rewrite import EXT_EMBED, EXT_HEAD, swap_session_options
 
     np_dtype = np.float16 if m.get("dtype") == "float16" else np.float32
@@ -635,7 +633,7 @@ def _swap_check(model_path, provider, ext, m, roles, reference, probes, report, 
     new_probes.insert(0, next(p for p in probes if p.name.startswith("new tokens")))
     if provider == "cpu":
         # The table through the session options, as a CPU service swaps it (rewrite.swap_session_options).
-        so, feeds = swap_session_options(ort.SessionOptions(), embed, head), None
+        so, feeds = swap_session_options(import_ort().SessionOptions(), embed, head), None
     else:
         # On CUDA, ORT ignores a CPU initializer it planned for the GPU and refuses a GPU one it did not
         # allocate itself (measured, onnxruntime-gpu 1.31), so a GPU service feeds the table as the graph

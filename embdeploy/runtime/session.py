@@ -291,14 +291,6 @@ class _Runtime:
             self._check_graph(sess)
         return sess
 
-    def planned_device(self) -> tuple[str, int]:
-        """(device type, id) the first provider runs on: where tables given through session options must live."""
-        first = self.providers[0]
-        if _provider_name(first) == "CUDAExecutionProvider":
-            options = first[1] if isinstance(first, tuple) else {}
-            return "cuda", int(options.get("device_id", 0))
-        return "cpu", 0
-
     def binds_tables(self) -> bool:
         """Whether fed tables go in as OrtValues on the device (IO binding) rather than numpy arrays.
 
@@ -493,7 +485,7 @@ class Session:
         else:
             from ..onnx.rewrite import swap_session_options
 
-            if rt.planned_device()[0] != "cpu":
+            if wants_cuda(rt.providers):
                 raise EmbdeployError(
                     "table_binding='session' works on the CPU provider only: a CUDA session ignores or refuses an "
                     "extension table given through the session options (measured, onnxruntime-gpu 1.31); use "

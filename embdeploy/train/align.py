@@ -41,6 +41,11 @@ class Example:
         return [p for c in self.components if c.new for p in c.student]
 
 
+def model_device(model) -> torch.device:
+    """Where the model's parameters live (the device a batch must go to)."""
+    return next(model.parameters()).device
+
+
 def is_causal(model) -> bool:
     """Whether position i depends only on positions <= i: changing the last input leaves earlier outputs unchanged.
 
@@ -53,7 +58,7 @@ def is_causal(model) -> bool:
     other = ids.clone()
     other[0, -1] = (ids[0, -1] + 1) % V
     body = getattr(model, "base_model", model)
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids, other = ids.to(device), other.to(device)
     with torch.no_grad():
         a = body(input_ids=ids).last_hidden_state

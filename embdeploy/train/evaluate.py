@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EmbdeployError
-from .align import build_examples, is_causal
-from .objectives import collate, model_device, pad_id, pool
+from .align import build_examples, is_causal, model_device
+from .objectives import collate, pad_id, pool
 from .texts import folds_case
 
 BATCH = 64

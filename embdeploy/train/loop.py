@@ -27,7 +27,7 @@ import torch
 
 from .. import __version__
 from ..errors import EmbdeployError, raise_all
-from .align import build_examples, is_causal
+from .align import build_examples, is_causal, model_device
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .objectives import OBJECTIVES, make_objective, pad_id
 from .texts import SYNTHETIC, harvest_contexts, read_texts, texts_digest
@@ -262,7 +262,7 @@ def train(
     if eval_texts is not None and not isinstance(eval_texts, (list, tuple)):
         eval_texts = read_texts(eval_texts)
 
-    home = next(ext.model.parameters()).device
+    home = model_device(ext.model)
     ext.model.to(device)
     try:
         return _train(ext, texts, objective, steps, lr, batch_size, layer, pooled, seed, checkpoint_dir,

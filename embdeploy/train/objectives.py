@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EmbdeployError
-from .align import Example
+from .align import Example, model_device
 
 OBJECTIVES = ("distill", "mlm", "clm")
 TEACHER_CACHE_BYTES = 512 * 1024**2  # teacher targets up to this size are computed once, up front
@@ -32,10 +32,6 @@ def collate(seqs: list[list[int]], pad_id: int, device=None):
         ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
     return ids, mask
 
-
-def model_device(model) -> torch.device:
-    """Where the model's parameters live (the device a batch must go to)."""
-    return next(model.parameters()).device
 
 
 def pad_id(tokenizer) -> int:
