@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -32,21 +34,41 @@ console = Console(stderr=True)
 out = Console()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (systemd, docker stop, kill): unwound like Ctrl-C, so partial outputs are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def _command(fn):
-    """Turn library errors into a one-line message and a non-zero exit, no traceback."""
+    """Turn library errors into a one-line message and a non-zero exit, no traceback.
+
+    SIGTERM is handled like Ctrl-C while the command runs (a server installs its own handlers on top).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .errors import EmbdeployError
 
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             return fn(*args, **kwargs)
         except EmbdeployError as e:
             console.print("[bold red]error:[/] " + _escape(str(e)), highlight=False)
             raise typer.Exit(e.exit_code) from None
+        except Terminated:
+            console.print("[yellow]terminated (SIGTERM)[/]; unfinished output was removed")
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -153,7 +175,7 @@ def merge(
     from .extend.model import load_extension
 
     ext = load_extension(ext_dir)
-    merge_extension(ext, out_dir, overwrite=overwrite)
+    merge_extension(ext, out_dir, overwrite=overwrite, inputs=(ext_dir,))
     out.print(f"[green]wrote[/] {out_dir}: vocabulary {ext.V} + {ext.K} = {ext.V + ext.K} rows")
 
 
@@ -190,8 +212,10 @@ def train(
     from .train import init_distributed
     from .train import train as run_train
 
+    inputs = (texts, eval_texts, checkpoint_dir)
     if out_dir is not None:
-        check_output_dir(out_dir, overwrite)
+        inputs = (ext_dir, *inputs)  # without --out, EXT_DIR is updated in place, as documented
+        check_output_dir(out_dir, overwrite, "extension", inputs)
     rank, _ = init_distributed()  # a no-op outside torchrun / accelerate launch
     ext = load_extension(ext_dir)
     rec = run_train(ext, texts, objective=objective.value, steps=steps, lr=lr, batch_size=batch_size, layer=layer,
@@ -200,7 +224,7 @@ def train(
     target = out_dir or ext_dir
     if rank != 0:
         return  # every rank holds the same rows; only rank 0 writes
-    ext.save(target, overwrite=True if out_dir is None else overwrite)
+    ext.save(target, overwrite=True if out_dir is None else overwrite, inputs=inputs)
     if rec.tokens_without_context:
         out.print(f"[yellow]{len(rec.tokens_without_context)} token(s) had no context in the texts and trained on "
                   f"synthetic contexts:[/] {', '.join(rec.tokens_without_context[:10])}")

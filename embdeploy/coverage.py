@@ -212,11 +212,9 @@ def bpe_tokenizer(vocab_size: int = 300):
 
 
 def _wordpiece_tokenizer():
-    from transformers import AutoTokenizer
+    from .models import load_tokenizer, packaged_minilm_dir
 
-    from .models import packaged_minilm_dir
-
-    return AutoTokenizer.from_pretrained(str(packaged_minilm_dir()))
+    return load_tokenizer(packaged_minilm_dir())
 
 
 def build(family: Family, seed: int = 0):

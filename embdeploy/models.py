@@ -119,6 +119,48 @@ def detect_pooling(path: Path | str) -> dict | None:
     return {"mode": pooling, "normalize": normalize} if pooling else None
 
 
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def remote_code_problems(directory: str | os.PathLike) -> list[str]:
+    """What in `directory` would make transformers import code from it: .py files, `auto_map` entries."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    problems = [f"{p.relative_to(d)} is Python code" for p in sorted(d.rglob("*.py"))][:5]
+    for name in _CODE_CONFIGS:
+        f = d / name
+        if not f.is_file():
+            continue
+        try:
+            cfg = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # an unreadable config is reported by the loader itself
+        if isinstance(cfg, dict) and cfg.get("auto_map"):
+            problems.append(f"{name} has an auto_map (classes loaded from code: {json.dumps(cfg['auto_map'])[:120]})")
+    return problems
+
+
+def refuse_remote_code(directory: str | os.PathLike, what: str) -> None:
+    """embdeploy never runs code that ships inside a model or an artifact, and never asks whether to."""
+    problems = remote_code_problems(directory)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise EmbdeployError(
+            f"{what} {directory} asks to run code of its own, which embdeploy never does:\n{lines}\n"
+            "Remove the .py files and the auto_map entries (embdeploy supports the architectures and fast "
+            "tokenizers built into transformers), or re-create the directory with `embdeploy extend`/`export`"
+        )
+
+
+def load_tokenizer(path: str | os.PathLike, what: str = "tokenizer directory"):
+    """AutoTokenizer.from_pretrained with remote code refused up front and disabled in the call."""
+    import transformers
+
+    refuse_remote_code(path, what)
+    return transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
 def auto_class(task: str):
     import transformers
 
@@ -138,8 +180,11 @@ def load_base(ref: str | os.PathLike = DEFAULT_MODEL, task: str | None = None, t
     if task is not None and task not in TASKS:
         raise EmbdeployError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     path = resolve_model_ref(ref)
+    refuse_remote_code(path, "base model directory")
+    if tokenizer is not None:
+        refuse_remote_code(tokenizer, "tokenizer directory")
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError/ValueError with long texts
         raise EmbdeployError(
             f"cannot load a model config from {ref}: {str(e).splitlines()[0]}\n"
@@ -159,9 +204,9 @@ def load_base(ref: str | os.PathLike = DEFAULT_MODEL, task: str | None = None, t
             )
     try:
         model = (
-            cls.from_pretrained(path, dtype="float32", use_safetensors=True)
+            cls.from_pretrained(path, dtype="float32", use_safetensors=True, trust_remote_code=False)
             if _supports_dtype_kw()
-            else cls.from_pretrained(path, torch_dtype="float32", use_safetensors=True)
+            else cls.from_pretrained(path, torch_dtype="float32", use_safetensors=True, trust_remote_code=False)
         )
     except Exception as e:
         raise EmbdeployError(
@@ -171,7 +216,9 @@ def load_base(ref: str | os.PathLike = DEFAULT_MODEL, task: str | None = None, t
     model.eval()
     tok_path = tokenizer or path
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(tok_path)
+        tok = load_tokenizer(tok_path)
+    except EmbdeployError:
+        raise
     except Exception as e:
         raise EmbdeployError(
             f"cannot load a tokenizer from {tok_path}: {str(e).splitlines()[0]}; pass --tokenizer PATH"

@@ -20,6 +20,12 @@ from rich.table import Table
 from .errors import EmbdeployError
 
 MODES = ("merged", "split", "swap")
+WORKDIR_MARK = ".embdeploy-quickstart"
+
+
+def _is_quickstart_dir(wd: Path) -> bool:
+    # work dirs of versions before the marker hold at least the extension quickstart wrote
+    return (wd / WORKDIR_MARK).is_file() or (wd / "extension" / "extension.json").is_file()
 
 
 def data_file(name: str) -> Path:
@@ -68,8 +74,19 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     if fresh and wd.exists():
         import shutil
 
+        if not _is_quickstart_dir(wd):
+            raise EmbdeployError(
+                f"--fresh deletes the work directory, and {wd} was not made by `embdeploy quickstart` "
+                f"(no {WORKDIR_MARK}); nothing was deleted. Choose another --workdir"
+            )
         shutil.rmtree(wd)
+    if wd.exists() and any(wd.iterdir()) and not _is_quickstart_dir(wd):
+        raise EmbdeployError(
+            f"{wd} holds files that `embdeploy quickstart` did not write (no {WORKDIR_MARK}); "
+            "choose an empty or new --workdir"
+        )
     wd.mkdir(parents=True, exist_ok=True)
+    (wd / WORKDIR_MARK).write_text("made by `embdeploy quickstart`; --fresh may delete this directory\n")
     res = QuickstartResult(workdir=wd)
     terms = Path(terms) if terms else data_file("terms.txt")
     train_texts = Path(train_texts) if train_texts else data_file("train.txt")

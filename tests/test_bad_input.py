@@ -319,6 +319,98 @@ def not_an_export(w: World, d: Path) -> Path:
     return copy(w.ext_a, d, "ext")
 
 
+
+# --- outputs that must never destroy what embdeploy did not write (docs/bad-input.md, "Output paths")
+
+
+def overwrite_source_ext(w: World, d: Path):
+    ext = copy(w.ext_a, d, "ext")
+    return ["export", ext, "--out", ext, "--overwrite"]
+
+
+def overwrite_base_model(w: World, d: Path):
+    base = copy(w.base_a, d, "base")
+    return ["extend", base, "--tokens", w.tokens, "--out", base, "--overwrite"]
+
+
+def overwrite_parent_of_input(w: World, d: Path):
+    (d / "work").mkdir()
+    ext = copy(w.ext_a, d / "work", "ext")
+    return ["export", ext, "--out", d / "work", "--overwrite"]
+
+
+def overwrite_unrelated(w: World, d: Path):
+    (d / "mine").mkdir()
+    (d / "mine" / "notes.txt").write_text("a user's own file\n")
+    return ["export", w.ext_a, "--out", d / "mine", "--overwrite"]
+
+
+def overwrite_other_kind(w: World, d: Path):
+    ext = copy(w.ext_a, d, "ext")  # an extension, not an input of this command
+    return ["export", w.ext_a, "--out", ext, "--overwrite"]
+
+
+def merge_over_a_model(w: World, d: Path):
+    base = copy(w.base_a, d, "model")  # a transformers model that `merge` did not write
+    return ["merge", w.ext_a, "--out", base, "--overwrite"]
+
+
+def train_out_is_input(w: World, d: Path):
+    ext = copy(w.ext_a, d, "ext")
+    (d / "texts.txt").write_text("the troponin rose\n")
+    return ["train", ext, "--texts", d / "texts.txt", "--out", ext, "--overwrite", "--steps", "1"]
+
+
+def out_symlink(w: World, d: Path):
+    real = copy(w.merged, d, "real")
+    (d / "link").symlink_to(real)
+    return ["export", w.ext_a, "--out", d / "link", "--overwrite"]
+
+
+def out_dangling_symlink(w: World, d: Path):
+    (d / "dangling").symlink_to(d / "nowhere")
+    return ["export", w.ext_a, "--out", d / "dangling"]
+
+
+def tokens_fifo(w: World, d: Path):
+    os.mkfifo(d / "tokens.fifo")
+    return ["extend", w.base_a, "--tokens", d / "tokens.fifo", "--out", d / "out"]
+
+
+def texts_char_device(w: World, d: Path):
+    ext = copy(w.ext_a, d, "ext")
+    return ["train", ext, "--texts", "/dev/zero", "--steps", "1"]
+
+
+def quickstart_fresh_foreign(w: World, d: Path):
+    (d / "work").mkdir()
+    (d / "work" / "thesis.tex").write_text("years of work\n")
+    return ["quickstart", "--workdir", d / "work", "--fresh"]
+
+
+# --- code shipped inside an artifact or a model is never run (docs/bad-input.md, "Code execution")
+
+EVIL = "from pathlib import Path\nPath(__file__).with_name('CODE_RAN').write_text('x')\n"
+
+
+def ext_remote_code(w: World, d: Path):
+    ext = copy(w.ext_a, d, "ext")
+    edit_json(ext / "tokenizer_config.json", auto_map={"AutoTokenizer": ["evil_tok.EvilTok", None]})
+    (ext / "evil_tok.py").write_text(EVIL + "class EvilTok: pass\n")
+    return ["export", ext, "--out", d / "out"]
+
+
+def base_remote_code(w: World, d: Path):
+    base = copy(w.base_a, d, "base")
+    edit_json(base / "config.json", auto_map={"AutoModelForCausalLM": "evil_model.Evil", "AutoConfig": "evil_model.Cfg"})
+    (base / "evil_model.py").write_text(EVIL)
+    return ["extend", base, "--tokens", w.tokens, "--out", d / "out"]
+
+
+def no_code_ran(d: Path) -> None:
+    assert not list(d.rglob("CODE_RAN")), "code shipped in an artifact was run"
+
+
 @dataclass
 class CliCase:
     id: str
@@ -407,6 +499,33 @@ CLI_CASES = [
             ("does not hold a JSON object", "re-run `embdeploy export`")),
     CliCase("serve-not-export", lambda w, d: ["serve", not_an_export(w, d), "--port", "0"],
             ("has no embdeploy.json, so it is not an embdeploy ONNX directory",)),
+    # output paths: --overwrite replaces only what embdeploy wrote, never an input
+    CliCase("overwrite-source-ext", overwrite_source_ext,
+            ("an input of this command; writing it would destroy the input", "Choose another --out")),
+    CliCase("overwrite-base-model", overwrite_base_model, ("an input of this command; writing it would destroy the input",)),
+    CliCase("overwrite-parent-of-input", overwrite_parent_of_input,
+            ("contains", "an input of this command; writing it would destroy the input")),
+    CliCase("overwrite-unrelated-dir", overwrite_unrelated,
+            ("--overwrite replaces only what embdeploy wrote", "is not an ONNX export directory", "nothing was deleted")),
+    CliCase("overwrite-other-kind", overwrite_other_kind,
+            ("which is an extension directory, with an ONNX export directory", "nothing was deleted")),
+    CliCase("merge-overwrite-a-model", merge_over_a_model,
+            ("--overwrite replaces only what embdeploy wrote", "is not a merged model directory (embdeploy merge)")),
+    CliCase("train-out-is-input", train_out_is_input, ("an input of this command; writing it would destroy the input",)),
+    CliCase("out-symlink", out_symlink, ("is a symbolic link (to", "Pass the real directory path, or another --out")),
+    CliCase("out-dangling-symlink", out_dangling_symlink, ("is a symbolic link (to", "which does not exist")),
+    CliCase("tokens-fifo", tokens_fifo, ("is a named pipe (FIFO), which embdeploy will not read",
+                                         "pass a text file with one new token per line")),
+    CliCase("texts-char-device", texts_char_device, ("/dev/zero is a character device, which embdeploy will not read",)),
+    CliCase("quickstart-fresh-foreign", quickstart_fresh_foreign,
+            ("--fresh deletes the work directory", "was not made by `embdeploy quickstart`", "nothing was deleted")),
+    # code shipped inside an artifact is never run, nor asked about
+    CliCase("ext-remote-code", ext_remote_code,
+            ("asks to run code of its own, which embdeploy never does", "evil_tok.py is Python code",
+             "tokenizer_config.json has an auto_map"), after=no_code_ran),
+    CliCase("base-remote-code", base_remote_code,
+            ("base model directory", "asks to run code of its own", "evil_model.py is Python code",
+             "config.json has an auto_map"), after=no_code_ran),
 ]
 
 
@@ -496,6 +615,135 @@ def test_export_killed_midway_leaves_nothing_taken_for_finished(world, tmp_path)
     assert not list(tmp_path.glob(f".out{PARTIAL_MARK}*")), "the next run removes the leftovers"
     rc, _, err = run_cli(["validate", out], world.env())
     assert rc == 0, err
+
+
+# --------------------------------------------------------------------------- output paths: the current directory,
+# a second writer, SIGTERM, a full disk, file modes
+
+
+def test_out_is_the_current_directory(world, tmp_path):
+    """`--out .` (or a parent of the working directory) is refused, even with --overwrite."""
+    (tmp_path / "notes.txt").write_text("mine\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    before = listing(tmp_path)
+    for out, cwd in ((".", tmp_path), ("..", sub)):
+        p = subprocess.run([sys.executable, "-m", "embdeploy.cli", "export", str(world.ext_a), "--out", out, "--overwrite"],
+                           capture_output=True, text=True, env=world.env(), cwd=cwd, timeout=300)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert "is the current directory or one of its parents" in flat(p.stderr)
+    assert listing(tmp_path) == before
+
+
+def test_a_second_writer_is_not_silently_replaced(tmp_path):
+    """What appears at --out while a run writes is kept (the run's output is discarded with a message),
+    unless --overwrite and it is an artifact of the same kind; no partial directory is left either way."""
+    from embdeploy.fsutil import atomic_output_dir
+
+    out = tmp_path / "out"
+
+    def other_writer(kind_file: str) -> None:
+        out.mkdir()
+        (out / kind_file).write_text("{}")
+        (out / "theirs.bin").write_bytes(b"x" * 10)
+
+    with pytest.raises(EmbdeployError, match="appeared while this run was writing .* this run's output was discarded"):
+        with atomic_output_dir(out, kind="export") as tmp:
+            (tmp / "ours.bin").write_bytes(b"y")
+            other_writer("embdeploy.json")
+    assert sorted(p.name for p in out.iterdir()) == ["embdeploy.json", "theirs.bin"]
+    shutil.rmtree(out)
+
+    with pytest.raises(EmbdeployError, match="--overwrite replaces only what embdeploy wrote"):
+        with atomic_output_dir(out, overwrite=True, kind="export") as tmp:
+            (tmp / "ours.bin").write_bytes(b"y")
+            other_writer("notes.txt")  # not an export: --overwrite may not replace it
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "theirs.bin"]
+    shutil.rmtree(out)
+
+    with atomic_output_dir(out, overwrite=True, kind="export") as tmp:
+        (tmp / "ours.bin").write_bytes(b"y")
+        other_writer("embdeploy.json")  # an export: --overwrite replaces it
+    assert sorted(p.name for p in out.iterdir()) == ["ours.bin"]
+    assert not [p for p in tmp_path.iterdir() if PARTIAL_MARK in p.name]
+
+
+def test_export_terminated_midway_cleans_up(world, tmp_path):
+    """SIGTERM (systemd, docker stop) is handled like Ctrl-C: a message, exit 143, no output and no partial dir."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "embdeploy.cli", "export", str(world.ext_a), "--out", str(out), "--mode", "split"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=world.env())
+    sent = False
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if [p for p in tmp_path.glob(f".out{PARTIAL_MARK}*") if (p / "model.onnx").exists()]:
+                proc.send_signal(signal.SIGTERM)
+                sent = True
+                break
+            time.sleep(0.005)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sent, f"the export finished (exit {proc.returncode}) before it could be terminated mid-way"
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "terminated (SIGTERM)" in err
+    assert not out.exists()
+    assert not list(tmp_path.glob(f".out{PARTIAL_MARK}*")), "SIGTERM must not strand a partial directory"
+
+
+def _disk_full(written: Path):
+    def fail(*args, **kwargs):
+        written.write_bytes(b"\0" * 3_000_000)  # what a writer had put down before the disk filled
+        raise OSError(28, "No space left on device")
+
+    return fail
+
+
+def test_full_disk_during_export_is_a_message(world, tmp_path, monkeypatch):
+    """ENOSPC while the export writes (the fault injected into the ONNX writer): a message that says what
+    happened and how much had been written, and the partial directory removed."""
+    import embdeploy.onnx.io as onnx_io
+    from embdeploy.export import export_extension
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(onnx_io, "save_model", lambda proto, d, **kw: _disk_full(Path(d) / "model.onnx")())
+    with pytest.raises(EmbdeployError, match=r"no space left on the device holding .* had written 3 MB when it ran out"):
+        export_extension(world.ext_a, "merged", out, cache_dir=world.cache)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if PARTIAL_MARK in p.name]
+
+
+def test_full_disk_reported_by_a_library_is_a_message(world, tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as its own error with 'os error 28' in the text; the message is the same."""
+    import safetensors.torch
+
+    from embdeploy.extend.model import load_extension
+
+    def fail(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise Exception("I/O error: No space left on device (os error 28)")
+
+    ext = load_extension(world.ext_a)
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    with pytest.raises(EmbdeployError, match="no space left on the device holding"):
+        ext.save(tmp_path / "ext")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_output_file_has_the_usual_mode(world, tmp_path):
+    """No file is left 0600 by a writer's temporary file: a service user can read every artifact."""
+    from embdeploy.extend.api import extend_cli
+
+    old = os.umask(0o022)
+    try:
+        extend_cli(str(world.base_a), world.tokens, tmp_path / "ext")
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "ext", world.merged):
+        for p in [d, *d.rglob("*")]:
+            want = 0o755 if p.is_dir() else 0o644
+            assert p.stat().st_mode & 0o777 == want, f"{p} has mode {oct(p.stat().st_mode & 0o777)}"
 
 
 # --------------------------------------------------------------------------- runtime (API)

@@ -176,7 +176,7 @@ def export_base(
         raise EmbdeployError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     dtype = short_dtype(dtype)
     if out is not None:
-        check_output_dir(Path(out), overwrite)  # before the export, not after
+        check_output_dir(Path(out), overwrite, "export")  # before the export, not after
     with plain_model(ext_or_model) as plain:
         training = plain.training
         plain.eval()
@@ -199,7 +199,7 @@ def export_base(
         finally:
             plain.train(training)
     if out is not None:
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with atomic_output_dir(out, overwrite=overwrite, kind="export") as tmp:
             publishable(tmp)
             for p in entry.iterdir():
                 shutil.copy2(p, tmp / p.name)
@@ -429,7 +429,7 @@ def _write_base(entry: Path, proto, base: _Base, source: dict) -> None:
 
     roles = input_roles(proto, find_embedding(proto, base.model.get_input_embeddings().weight.detach().numpy()).gathers)
     cache = cache_outputs(proto, roles)
-    with atomic_output_dir(entry, overwrite=True) as tmp:
+    with atomic_output_dir(entry, overwrite=True, kind="export") as tmp:
         publishable(tmp)
         save_model(proto, tmp)
         manifest = {

@@ -92,7 +92,8 @@ def export_extension(
     if problems:
         raise EmbdeployError("; ".join(problems))
     out = Path(out)
-    check_output_dir(out, overwrite)  # fail before minutes of export, not after
+    inputs = (None if isinstance(ext, Extension) else ext, base_onnx, cache_dir)
+    check_output_dir(out, overwrite, "export", inputs)  # fail before minutes of export, not after
 
     extension_dir = None
     if not isinstance(ext, Extension):
@@ -139,7 +140,8 @@ def export_extension(
     names = {i.name for i in new.graph.initializer}
     separate = {n: EXTENSION_DATA for n in (rw.EXT_EMBED, rw.EXT_HEAD) if n in names} if mode != "merged" else {}
     report = None
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    inputs = (*inputs, ext.base_info.path)
+    with atomic_output_dir(out, overwrite=overwrite, kind="export", inputs=inputs) as tmp:
         publishable(tmp)
         t = time.perf_counter()
         save_model(new, tmp, separate=separate)

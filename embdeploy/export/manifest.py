@@ -42,17 +42,9 @@ def publishable(directory: Path) -> None:
     atomic_output_dir creates it with mkdtemp, i.e. mode 0700: a deployed model
     directory or a shared cache would be unreadable for the service user.
     """
-    os.chmod(directory, 0o777 & ~_umask())
+    from ..fsutil import umask
 
-
-def _umask() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
+    os.chmod(directory, 0o777 & ~umask())
 
 
 def digests(directory: Path) -> dict[str, str]:

@@ -15,7 +15,8 @@ def extend_cli(model: str, tokens: Path, out: Path, *, name="default", init="sub
     """Extend a base model (or stack a group onto an extension directory) and save; returns a summary."""
     from ..fsutil import check_output_dir
 
-    check_output_dir(Path(out), overwrite)  # fail before loading anything
+    inputs = (model, tokens, tokenizer, init_source)
+    check_output_dir(Path(out), overwrite, "extension", inputs)  # fail before loading anything
     token_list = read_token_file(tokens)
     cfg = ExtensionConfig(tokens=token_list, name=name, init=init, init_token=init_token,
                           init_source=init_source, seed=seed, strict=strict)
@@ -27,7 +28,7 @@ def extend_cli(model: str, tokens: Path, out: Path, *, name="default", init="sub
         m, tok, info = load_base(model, task=task, tokenizer=tokenizer)
         ext = Extension(m, tok, info)
     report = ext.add(cfg)
-    ext.save(out, overwrite=overwrite)
+    ext.save(out, overwrite=overwrite, inputs=inputs)
     return {
         "out": str(out),
         "added": report.added,

@@ -93,11 +93,9 @@ def read_token_file(path) -> list[str]:
     """Read one token per line (UTF-8); '#' starts a comment line. Raises on any problem, all listed."""
     from pathlib import Path
 
-    p = Path(path)
-    if not p.exists():
-        raise EmbdeployError(f"token file {p} does not exist; pass a text file with one new token per line")
-    if p.is_dir():
-        raise EmbdeployError(f"token file {p} is a directory; pass a text file with one new token per line")
+    from ..fsutil import check_regular_file
+
+    p = check_regular_file(path, "token file", "pass a text file with one new token per line")
     size = p.stat().st_size
     if size > 16 * 1024 * 1024:
         raise EmbdeployError(f"token file {p} is {size / 2**20:.0f} MiB; a token list over 16 MiB is not a token list (wrong file?)")

@@ -9,12 +9,13 @@ pooling config) are copied along so the merged model pools the same way.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..fsutil import atomic_output_dir
+from ..fsutil import ARTIFACTS, atomic_output_dir, check_output_dir
 from ..models import save_tokenizer
 from .layer import ExtendedEmbedding, ExtendedLMHead
 from .model import Extension
@@ -50,10 +51,17 @@ def merged_model(ext: Extension):
     return model
 
 
-def merge_extension(ext: Extension, out, overwrite: bool = False) -> Path:
+def merge_extension(ext: Extension, out, overwrite: bool = False, inputs=()) -> Path:
+    inputs = (*inputs, ext.base_info.path)
+    check_output_dir(out, overwrite, "merged-model", inputs)
     model = merged_model(ext)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, kind="merged-model", inputs=inputs) as tmp:
         model.save_pretrained(str(tmp))
+        # marks the directory as embdeploy's, so a later `merge --overwrite` may replace it
+        (tmp / ARTIFACTS["merged-model"][0]).write_text(json.dumps({
+            "written_by": "embdeploy merge", "base_fingerprint": ext.base_fingerprint,
+            "V": ext.V, "K": ext.K, "extension_fingerprint": ext.extension_fingerprint(),
+        }, indent=2) + "\n")
         save_tokenizer(ext.tokenizer, tmp)
         src = Path(ext.base_info.path)
         if src.is_dir():

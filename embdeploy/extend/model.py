@@ -27,7 +27,7 @@ from .. import __version__
 from ..errors import EmbdeployError, FingerprintMismatch, raise_all
 from ..fingerprint import table_fingerprint
 from ..fsutil import atomic_output_dir
-from ..models import BaseInfo, load_base, save_tokenizer
+from ..models import BaseInfo, load_base, load_tokenizer, refuse_remote_code, save_tokenizer
 from .config import ExtensionConfig
 from .init import initial_rows
 from .layer import ExtendedEmbedding, ExtendedLMHead
@@ -297,13 +297,17 @@ class Extension:
             out.update({f"head.{n}": p.detach().cpu().contiguous() for n, p in self.head_tables.items()})
         return out
 
-    def save(self, out, overwrite: bool = False) -> Path:
-        """Write extension.safetensors, extension.json and the extended tokenizer, atomically."""
+    def save(self, out, overwrite: bool = False, inputs=()) -> Path:
+        """Write extension.safetensors, extension.json and the extended tokenizer, atomically.
+
+        `overwrite` replaces only an extension directory, never the base model or another of `inputs`.
+        """
         from safetensors.torch import save_file
 
         if not self.groups:
             raise EmbdeployError("the extension has no tokens yet; add a group before saving")
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        inputs = (*inputs, self.base_info.path)
+        with atomic_output_dir(out, overwrite=overwrite, kind="extension", inputs=inputs) as tmp:
             save_file(self.state_tensors(), str(tmp / WEIGHTS), metadata={"format": FORMAT})
             save_tokenizer(self.tokenizer, tmp)
             save_tokenizer(self.base_tokenizer, tmp / BASE_TOKENIZER)
@@ -394,10 +398,9 @@ def load_extension(directory, model=None, tokenizer=None) -> Extension:
 
     Refuses a base whose embedding table (or untied head) fingerprint differs from the one recorded.
     """
-    from transformers import AutoTokenizer
-
     d = Path(directory)
     m = read_manifest(d)
+    refuse_remote_code(d, "extension directory")  # the tokenizers are loaded below, its base model before
     tensors = _read_tables(d, m)
     info = None
     if model is None:
@@ -419,11 +422,11 @@ def load_extension(directory, model=None, tokenizer=None) -> Extension:
             f"Load it onto the base it was made for ({m['base_model'].get('ref')})."
         )
     try:
-        tok = tokenizer or AutoTokenizer.from_pretrained(str(d))
+        tok = tokenizer or load_tokenizer(d)
     except Exception as e:
         raise EmbdeployError(f"cannot load the extended tokenizer in {d}: {str(e).splitlines()[0]}") from None
     try:
-        base_tok = AutoTokenizer.from_pretrained(str(d / BASE_TOKENIZER))
+        base_tok = load_tokenizer(d / BASE_TOKENIZER)
     except Exception as e:
         raise EmbdeployError(f"cannot load the original tokenizer in {d / BASE_TOKENIZER}: {str(e).splitlines()[0]}") from None
     # Build on the plain model with the original tokenizer, then restore groups and the extended tokenizer.

@@ -761,12 +761,14 @@ def _load_tokenizer(directory: Path, V: int, tokens: tuple[str, ...]):
     """
     if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
+    from ..models import load_tokenizer, refuse_remote_code
+
+    refuse_remote_code(directory, "export directory")
     try:
-        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        tok = AutoTokenizer.from_pretrained(str(directory))
+        tok = load_tokenizer(directory)
     except Exception as e:  # transformers raises OSError/ValueError with long texts
         raise EmbdeployError(f"cannot load the tokenizer in {directory}: {str(e).splitlines()[0]}") from None
     problems = []

@@ -50,7 +50,7 @@ def save_checkpoint(directory, step: int, ext, opt, state: dict) -> Path:
     tensors, groups = _optimizer_tensors(opt)
     for stale in root.glob(".step-*.partial-*"):  # left by an interrupted write
         shutil.rmtree(stale, ignore_errors=True)
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    with atomic_output_dir(out, overwrite=True, kind="checkpoint") as tmp:
         save_file(ext.state_tensors(), str(tmp / TABLES), metadata={"format": FORMAT})
         save_file(tensors, str(tmp / OPTIM), metadata={"format": FORMAT})
         body = {"format": FORMAT, "step": step, "optimizer_param_groups": groups, **state}

@@ -39,11 +39,9 @@ def read_texts(path) -> list[str]:
     The format is detected from the first non-empty line: a line starting with `{`
     that parses as a JSON object means JSON lines. Blank lines are dropped.
     """
-    p = Path(path)
-    if not p.exists():
-        raise EmbdeployError(f"text file {p} does not exist; pass a text file (one text per line) or JSON lines")
-    if p.is_dir():
-        raise EmbdeployError(f"text file {p} is a directory; pass a text file (one text per line) or JSON lines")
+    from ..fsutil import check_regular_file
+
+    p = check_regular_file(path, "text file", "pass a text file (one text per line) or JSON lines")
     size = p.stat().st_size
     if size > MAX_FILE_BYTES:
         raise EmbdeployError(f"text file {p} is {size / 2**30:.1f} GiB; split it or sample it below 2 GiB")
