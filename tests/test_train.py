@@ -265,6 +265,23 @@ def test_harvest_case_and_word_boundary(wordpiece_tokenizer, bpe_tokenizer):
     assert [ctx.texts[i] for i in ctx.by_token["troponin"]] == ["the troponin rose"]
 
 
+def test_harvest_finds_tokens_after_the_normalizer(wordpiece_tokenizer, bpe_tokenizer):
+    """A token in the uncased, accent-stripped form (what `suggest` writes for BERT) finds the accented,
+    capitalised spelling in the corpus, as the tokenizer itself matches it; the cap is a seeded reservoir."""
+    ext = make_ext("bert", wordpiece_tokenizer, bpe_tokenizer, tokens=["unterstutzt", "kardiologie"])
+    texts = ["Das Team Unterstützt die Studie.", "sie unterstützt uns", "Kardiologie heute", "nichts neues"]
+    ctx = harvest_contexts(ext, texts)
+    by = {t: [ctx.texts[i] for i in ix] for t, ix in ctx.by_token.items()}
+    assert by["unterstutzt"] == ["Das Team Unterstützt die Studie.", "sie unterstützt uns"]
+    assert by["kardiologie"] == ["Kardiologie heute"]
+    assert ctx.without_context == []
+    many = [f"{n} mal unterstützt" for n in range(200)]
+    a, b = harvest_contexts(ext, many, max_per_token=8, seed=3), harvest_contexts(ext, many, max_per_token=8, seed=3)
+    kept = [a.texts[i] for i in a.by_token["unterstutzt"]]
+    assert len(kept) == 8 and a.texts == b.texts
+    assert set(kept) <= set(many) and kept != many[:8]  # sampled from the whole corpus, not its head
+
+
 def test_alignment_maps_new_token_to_its_pieces(wordpiece_tokenizer, bpe_tokenizer):
     ext = make_ext("bert", wordpiece_tokenizer, bpe_tokenizer)
     (ex,) = build_examples(ext, ["the troponin rose."], causal=False)

@@ -1,17 +1,15 @@
 """Training text: reading corpora and finding contexts for each new token.
 
 A context is a text in which the *extended* tokenizer produces the token's new
-id: that is the ground truth for "this text teaches this row". A word-boundary
-regular expression only pre-filters (case-insensitive where the tokenizer folds
-case). Tokens without any context get synthetic ones and are reported, never
-silently skipped.
+id: that is the ground truth for "this text teaches this row", and the search
+itself (the tokenizer runs over the corpus, normalizer included). Tokens without
+any context get synthetic ones and are reported, never silently skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,17 +138,62 @@ class Contexts:
         }
 
 
-def harvest_contexts(ext, texts: list[str], max_per_token: int = 64, seed: int = 0, synthetic: bool = True) -> Contexts:
-    """Texts that contain each new token (as the extended tokenizer sees it), at most `max_per_token` each.
+def harvest_contexts(ext, texts, max_per_token: int = 64, seed: int = 0, synthetic: bool = True,
+                     batch: int = 256) -> Contexts:
+    """Texts in which the extended tokenizer produces each new token's id, at most `max_per_token` each.
 
-    Where a token has more contexts than the cap, a seeded sample is kept. A token
-    with none gets SYNTHETIC contexts (if `synthetic`) and is listed in `without_context`.
+    One pass over `texts` (any iterable: a list, or lines streamed from a file), tokenized in
+    batches with the extended tokenizer itself, so a token is found exactly where the tokenizer
+    matches it: after its normalizer (`unterstutzt` is found in `Unterstützt` by an uncased
+    BERT), never by a regular expression's idea of a word. Memory stays bounded: per token a
+    seeded reservoir of at most `max_per_token` windows, never a token × corpus structure.
+    A token with no context gets SYNTHETIC contexts (if `synthetic`) and is listed in `without_context`.
     """
     import random
 
-    ignore_case = folds_case(ext.base_tokenizer)
     ids = ext.token_ids
+    by_id = {i: t for t, i in ids.items()}
+    first_new = min(by_id) if by_id else 0
     rng = random.Random(seed)
+    reservoirs: dict[str, list[str]] = {t: [] for t in ext.tokens}
+    members: dict[str, set[str]] = {t: set() for t in ext.tokens}
+    seen_count: dict[str, int] = dict.fromkeys(ext.tokens, 0)
+
+    def offer(tok: str, window: str) -> None:
+        if window in members[tok]:
+            return
+        seen_count[tok] += 1
+        res = reservoirs[tok]
+        if len(res) < max_per_token:
+            res.append(window)
+            members[tok].add(window)
+            return
+        j = rng.randrange(seen_count[tok])  # reservoir sampling: every distinct window equally likely kept
+        if j < max_per_token:
+            members[tok].discard(res[j])
+            res[j] = window
+            members[tok].add(window)
+
+    def scan(chunk: list[str]) -> None:
+        enc = ext.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+        for text, row, offsets in zip(chunk, enc["input_ids"], enc["offset_mapping"]):
+            found = set()
+            for k, tid in enumerate(row):
+                if tid >= first_new and tid in by_id and tid not in found:
+                    found.add(tid)
+                    a, b = offsets[k]
+                    offer(by_id[tid], _window(text, a, b))
+
+    chunk: list[str] = []
+    for text in texts:
+        if text:
+            chunk.append(text)
+        if len(chunk) >= batch:
+            scan(chunk)
+            chunk = []
+    if chunk:
+        scan(chunk)
+
     out: list[str] = []
     index: dict[str, int] = {}
     by_token: dict[str, list[int]] = {}
@@ -162,28 +205,12 @@ def harvest_contexts(ext, texts: list[str], max_per_token: int = 64, seed: int =
             out.append(text)
         return index[text]
 
-    # One pass over the corpus with an alternation of all tokens (longest first).
-    key = (lambda s: s.lower()) if ignore_case else (lambda s: s)
-    lookup = {key(t): t for t in ext.tokens}
-    alternation = "|".join(re.escape(t) for t in sorted(ext.tokens, key=len, reverse=True))
-    pat = re.compile(r"(?<!\w)(?:" + alternation + r")(?!\w)", re.IGNORECASE if ignore_case else 0)
-    candidates: dict[str, list[str]] = {t: [] for t in ext.tokens}
-    for text in texts:
-        seen = set()
-        for m in pat.finditer(text):
-            tok = lookup.get(key(m.group(0)))
-            if tok is not None and tok not in seen:
-                seen.add(tok)
-                candidates[tok].append(_window(text, m.start(), m.end()))
-
     for tok in ext.tokens:
-        found = list(dict.fromkeys(candidates[tok]))
-        # The extended tokenizer decides: a pre-filter hit it does not turn into the new id is no context.
+        found = reservoirs[tok]  # in corpus order until the cap, then the seeded reservoir's
+        # A window cut from a long text must still produce the id on its own.
         if found:
             enc = ext.tokenizer(found, add_special_tokens=False)["input_ids"]
             found = [f for f, e in zip(found, enc) if ids[tok] in e]
-        if len(found) > max_per_token:
-            found = rng.sample(found, max_per_token)
         if not found:
             missing.append(tok)
             if synthetic:
