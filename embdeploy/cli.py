@@ -110,6 +110,74 @@ class Task(str, Enum):
     text_generation = "text-generation"
 
 
+# ------------------------------------------------------------------------------------------ suggest
+@app.command()
+@_command
+def suggest(
+    corpus: list[Path] = typer.Argument(..., help="Corpus files: plain text (one text per line) or JSON lines ({\"text\": ...}); streamed, any size."),
+    model: str = typer.Option("minilm", "--model", "-m", help="Base model directory, or `minilm` for the built-in model (only its tokenizer is loaded) [default: minilm]."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory, if not the model's own."),
+    top: Optional[int] = typer.Option(1000, help="Most tokens to suggest [default: 1000]."),
+    min_count: int = typer.Option(5, help="Ignore words seen fewer times [default: 5]."),
+    min_saving: int = typer.Option(1, help="Stop the list at the first word that saves fewer corpus tokens [default: 1]."),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Token file to write (what `extend --tokens` reads)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON (every candidate)."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG: cumulative share of corpus tokens saved against K."),
+    rows: int = typer.Option(30, help="Table rows to print (the token file and --json hold them all) [default: 30]."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it is a token file suggest wrote."),
+):
+    """Find the words worth adding: whole words as the model's tokenizer splits them, scored by corpus tokens saved."""
+    from .suggest import SuggestConfig, load_suggest_tokenizer
+    from .suggest import suggest as run_suggest
+
+    config = SuggestConfig(top=top, min_count=min_count, min_saving=min_saving)
+    tok = load_suggest_tokenizer(model, tokenizer)
+    with _progress_bar("reading the corpus", json_out) as bar:
+        result = run_suggest(corpus, tok, config, model_name=model, progress=bar)
+    if out_file is not None:
+        result.write_tokens(out_file, overwrite=overwrite, inputs=corpus)
+    if plot is not None:
+        result.write_plot(plot)
+    if json_out:
+        print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+        return
+    for line in result.lines(limit=rows):
+        print(line)
+    print(result.summary())
+    for reason, n in result.dropped.items():
+        print(f"  dropped {n} word(s): {reason}")
+    if out_file is not None:
+        print(f"wrote {out_file}: {len(result.candidates)} token(s); next: embdeploy extend {model} --tokens {out_file} --out EXT_DIR")
+    if plot is not None:
+        print(f"wrote {plot}")
+
+
+class _progress_bar:
+    """A rich progress bar on stderr (bytes read of the corpus); silent when stderr is not a terminal or for --json."""
+
+    def __init__(self, what: str, quiet: bool):
+        self.what, self.quiet, self.bar, self.task = what, quiet or not console.is_terminal, None, None
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+            self.bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                                TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task(self.what, total=None)
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
 # ------------------------------------------------------------------------------------------ extend
 @app.command()
 @_command

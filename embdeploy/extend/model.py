@@ -215,9 +215,9 @@ class Extension:
             if t in added:
                 skipped.append((t, "already added by an earlier extension group"))
                 continue
-            pieces = self.base_tokenizer(t, add_special_tokens=False)["input_ids"]
-            if t in vocab or (len(pieces) == 1 and pieces[0] != self.base_tokenizer.unk_token_id):
-                skipped.append((t, f"already one token in the vocabulary (id {vocab.get(t, pieces[0] if pieces else '?')})"))
+            why = already_one_token(self.base_tokenizer, t, vocab)
+            if why:
+                skipped.append((t, why))
                 continue
             if pre is not None and len(pre.pre_tokenize_str(t)) > 1:
                 notes.append(
@@ -232,8 +232,6 @@ class Extension:
     # ----------------------------------------------------------------- adding groups
     def add(self, config: ExtensionConfig) -> ExtendReport:
         """Add one named group of tokens, initialised as `config.init` says."""
-        from transformers import AddedToken
-
         if any(g.name == config.name for g in self.groups):
             raise EmbdeployError(f"an extension group named {config.name!r} already exists; pass another --name")
         keep, skipped, notes = self._classify(config.tokens, config.strict)
@@ -246,7 +244,7 @@ class Extension:
         first = self.V + self.K
         if len(self.tokenizer) != first:
             raise EmbdeployError(f"tokenizer length {len(self.tokenizer)} does not match V+K={first}; the tokenizer was changed outside embdeploy")
-        self.tokenizer.add_tokens([AddedToken(t, single_word=True, lstrip=True, normalized=True) for t in keep])
+        self.tokenizer.add_tokens([new_added_token(t) for t in keep])
         got = [self.tokenizer.convert_tokens_to_ids(t) for t in keep]
         want = list(range(first, first + len(keep)))
         if got != want:
@@ -313,6 +311,22 @@ class Extension:
             save_tokenizer(self.base_tokenizer, tmp / BASE_TOKENIZER)
             (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2, ensure_ascii=False) + "\n")
         return Path(out)
+
+
+def new_added_token(token: str):
+    """How a new token enters the tokenizer: matched in normalized text, as a whole word, eating the space before it."""
+    from transformers import AddedToken
+
+    return AddedToken(token, single_word=True, lstrip=True, normalized=True)
+
+
+def already_one_token(base_tokenizer, token: str, vocab: dict | None = None) -> str | None:
+    """Why `extend` would skip `token` as not new (a reason to show), or None when it adds it."""
+    vocab = base_tokenizer.get_vocab() if vocab is None else vocab
+    pieces = base_tokenizer(token, add_special_tokens=False)["input_ids"]
+    if token in vocab or (len(pieces) == 1 and pieces[0] != base_tokenizer.unk_token_id):
+        return f"already one token in the vocabulary (id {vocab.get(token, pieces[0] if pieces else '?')})"
+    return None
 
 
 def extend_model(model, tokenizer, tokens_or_config, name: str = "default", init: str = "subword-mean", **kw) -> Extension:

@@ -63,6 +63,45 @@ def read_texts(path) -> list[str]:
     return texts
 
 
+MAX_LINE_BYTES = 16 * 1024**2
+
+
+def iter_texts(path, counter: list[int] | None = None):
+    """Stream the texts of a file in `read_texts`'s formats (plain lines, JSON lines), any size.
+
+    Nothing but the current line is held. `counter`, if given, is a one-element list that
+    receives the bytes read so far (for a progress bar). Errors name the line.
+    """
+    from ..fsutil import check_regular_file
+
+    p = check_regular_file(path, "text file", "pass a text file (one text per line) or JSON lines")
+    fmt = None
+    with open(p, "rb") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES), b""), 1):
+            if counter is not None:
+                counter[0] += len(raw)
+            if b"\x00" in raw:
+                raise EmbdeployError(f"text file {p} is binary (contains NUL bytes, line {n}); pass UTF-8 text, one text per line")
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise EmbdeployError(f"text file {p} is not UTF-8 (line {n}, bad byte at column {e.start}); save it as UTF-8") from None
+            if not line:
+                continue
+            if fmt is None:
+                fmt = "jsonl" if line.startswith("{") and _is_json_object(line) else "plain"
+            if fmt == "plain":
+                yield line
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EmbdeployError(f"text file {p} looks like JSON lines but line {n} is not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise EmbdeployError(f'text file {p} looks like JSON lines but line {n} is not an object with a string field "text"')
+            if obj["text"].strip():
+                yield obj["text"].strip()
+
 def _is_json_object(line: str) -> bool:
     try:
         return isinstance(json.loads(line), dict)
