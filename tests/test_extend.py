@@ -317,9 +317,15 @@ def test_save_refuses_existing_dir_and_leaves_nothing(tmp_path, wordpiece_tokeni
     with pytest.raises(EmbdeployError, match="already exists; pass --overwrite"):
         ext.save(tmp_path / "e")
     assert (tmp_path / "e" / "keep.txt").read_text() == "mine"
-    ext.save(tmp_path / "e", overwrite=True)
-    assert (tmp_path / "e" / "extension.json").exists() and not (tmp_path / "e" / "keep.txt").exists()
-    assert not list(tmp_path.glob(".e.partial-*"))
+    # --overwrite replaces only an extension directory, never a directory of the user's files (issue 18)
+    with pytest.raises(EmbdeployError, match="replaces only what embdeploy wrote"):
+        ext.save(tmp_path / "e", overwrite=True)
+    assert (tmp_path / "e" / "keep.txt").read_text() == "mine"
+    ext.save(tmp_path / "f")
+    (tmp_path / "f" / "stale.txt").write_text("old revision's file")
+    ext.save(tmp_path / "f", overwrite=True)
+    assert (tmp_path / "f" / "extension.json").exists() and not (tmp_path / "f" / "stale.txt").exists()
+    assert not list(tmp_path.glob(".*.partial-*"))
 
 
 def test_corrupted_extension_files(tmp_path, wordpiece_tokenizer):
