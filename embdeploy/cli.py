@@ -434,6 +434,8 @@ def bench(
     baseline: Optional[Path] = typer.Option(None, help="Regression gate: compare ratios to base with this baseline JSON."),
     max_regression: float = typer.Option(0.05, help="Gate margin: fail when a ratio is worse than baseline by more than this fraction."),
     save_baseline: Optional[Path] = typer.Option(None, help="Write this run's ratios as a baseline JSON."),
+    texts: Optional[Path] = typer.Option(None, "--texts", help="Your texts (one per line, or JSON lines): tokens per text, end-to-end latency with tokenization, and fidelity to the base, per --batch-sizes."),
+    batch_sizes: str = typer.Option("1,8,32", help="Batch sizes for --texts [default: 1,8,32]."),
 ):
     """Time base vs extended exports interleaved in one run (p50/p90/p99, throughput, ratio to base), session memory; optional regression gate."""
     from .bench import check_baseline, print_result, run_bench, write_markdown, write_plot
@@ -442,7 +444,8 @@ def bench(
 
     result = run_bench(onnx_dirs, base_dir=base, shapes=parse_shapes(shapes), providers=providers, threads=threads,
                        rounds=rounds, warmup=warmup, sessions=sessions, memory_cost=not no_memory,
-                       progress=lambda m: console.print(f"[dim]{_escape(m)}[/]"))
+                       progress=lambda m: console.print(f"[dim]{_escape(m)}[/]"), texts=texts,
+                       batch_sizes=batch_sizes if texts is not None else None)
     if json_out:
         out.print_json(result.to_json())
     else:

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..errors import EmbdeployError
 from .inputs import NEW_MIX
 from .result import BenchResult, LatencyRow
+from .texts import TEXT_MIX
 
 MODE_COLORS = {"base": "#6b7280", "merged": "#2563eb", "split": "#d97706", "swap": "#059669"}
 _EXTRA_COLORS = ["#7c3aed", "#db2777", "#0891b2", "#65a30d", "#b91c1c"]
@@ -52,9 +53,29 @@ def render_table(result: BenchResult):
     return table
 
 
+def render_texts_table(result: BenchResult):
+    """Tokens and fidelity on the user's texts (rich.table.Table), or None without --texts."""
+    from rich.table import Table
+
+    if not result.texts:
+        return None
+    t = Table(title=f"on your texts ({result.texts[0].texts} texts): what the extension buys",
+              caption="fidelity: cosine per text, extended output vs the base on the original tokenization")
+    for col in ("variant", "tokens/text base", "tokens/text ext", "fewer tokens", "fidelity mean", "fidelity min",
+                "output compared"):
+        t.add_column(col, justify="left" if col in ("variant", "output compared") else "right")
+    for r in result.texts:
+        t.add_row(r.variant, f"{r.base_tokens_mean:.2f}", f"{r.tokens_mean:.2f}", f"{r.token_reduction:.1%}",
+                  f"{r.fidelity_mean:.4f}", f"{r.fidelity_min:.4f}", r.fidelity_output)
+    return t
+
+
 def print_result(console, result: BenchResult) -> None:
-    """The latency table, then the memory tables when memory was measured, on a rich `console`."""
+    """The latency table, the texts table with --texts, then the memory tables when measured, on a rich `console`."""
     console.print(render_table(result))
+    texts = render_texts_table(result)
+    if texts is not None:
+        console.print(texts)
     memory = render_memory_table(result)
     if memory is not None:
         console.print(memory)
@@ -127,6 +148,21 @@ def markdown(result: BenchResult) -> str:
             if r.provider == provider:
                 out.append(f"| {r.shape} | {r.variant} | {r.mix} | {r.p50_ms:.3f} | {r.p90_ms:.3f} | {r.p99_ms:.3f} | "
                            f"{r.throughput_seq_s:,.1f} | {_ratio_text(r)} |")
+        out.append("")
+    if result.texts:
+        sizes = ", ".join(str(b) for b in s.get("text_batch_sizes", []))
+        out += [f"## On your texts ({result.texts[0].texts} texts)", "",
+                f"The base export on the original tokenization against each extended export on its extended "
+                f"tokenization, same texts. Latency rows `texts/bN` (batch sizes {sizes}) above time the whole "
+                "request path: tokenize the batch, pad to its longest text, run. Fidelity: cosine per text between "
+                "the extended export's output and the base's on the original tokenization.", "",
+                "| variant | tokens/text base | tokens/text extended | fewer tokens | tokens total base → extended | "
+                "fidelity mean | fidelity min | output compared | truncated |",
+                "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+        for r in result.texts:
+            out.append(f"| {r.variant} | {r.base_tokens_mean:.2f} | {r.tokens_mean:.2f} | {r.token_reduction:.1%} | "
+                       f"{r.base_tokens_total} → {r.tokens_total} | {r.fidelity_mean:.4f} | {r.fidelity_min:.4f} | "
+                       f"{r.fidelity_output} | {r.truncated} (base {r.base_truncated}) |")
         out.append("")
     if result.sessions:
         out += ["## One session (fresh process each)", "",
@@ -218,7 +254,7 @@ def write_plot(result: BenchResult, path) -> Path:
     fig, axes = plt.subplots(panels, 1, figsize=(12, 3.8 * panels), squeeze=False)
     axes = list(axes[:, 0])
     shapes = result.settings.get("shapes") or sorted({r.shape for r in result.latency})
-    series = [(v, mix) for v in _variant_order(result) for mix in ("base-ids", NEW_MIX)
+    series = [(v, mix) for v in _variant_order(result) for mix in ("base-ids", NEW_MIX, TEXT_MIX)
               if any(r.variant == v and r.mix == mix for r in result.latency)]
 
     for provider in providers:
@@ -227,8 +263,8 @@ def write_plot(result: BenchResult, path) -> Path:
         x = np.arange(len(shapes))
         width = 0.8 / max(1, len(series))
         for j, (v, mix) in enumerate(series):
-            hatch = "//" if mix == NEW_MIX else None
-            label = v if mix != NEW_MIX else f"{v}, new ids"
+            hatch = "//" if mix == NEW_MIX else ".." if mix == TEXT_MIX else None
+            label = {NEW_MIX: f"{v}, new ids", TEXT_MIX: f"{v}, your texts (tokenize + run)"}.get(mix, v)
             p50 = [rows[(s, v, mix)].p50_ms if (s, v, mix) in rows else np.nan for s in shapes]
             p90 = [rows[(s, v, mix)].p90_ms if (s, v, mix) in rows else np.nan for s in shapes]
             err = np.array([np.zeros(len(shapes)), np.nan_to_num(np.array(p90) - np.array(p50))])

@@ -82,6 +82,25 @@ class MultiSessionRow:
 
 
 @dataclass
+class TextRow:
+    """One extended export on the user's texts against the base on the original tokenization."""
+
+    variant: str
+    mode: str
+    texts: int
+    tokens_total: int  # extended tokenization, special tokens included
+    tokens_mean: float
+    base_tokens_total: int
+    base_tokens_mean: float
+    token_reduction: float  # 1 - tokens_total / base_tokens_total
+    fidelity_mean: float  # cosine per text, extended output vs base output on the original tokenization
+    fidelity_min: float
+    fidelity_output: str  # what was compared (see bench/texts.py)
+    truncated: int = 0  # texts cut at the model's max length (extended tokenization)
+    base_truncated: int = 0
+
+
+@dataclass
 class Skipped:
     what: str  # e.g. "cuda", "sessions"
     reason: str
@@ -97,6 +116,7 @@ class BenchResult:
     sessions: list[SessionCost] = field(default_factory=list)
     multi: list[MultiSessionRow] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    texts: list[TextRow] = field(default_factory=list)  # `bench --texts`: tokens and fidelity per variant
     format_version: int = RESULT_FORMAT_VERSION
     kind: str = "embdeploy-bench"
 
@@ -121,6 +141,7 @@ class BenchResult:
             sessions=[build(SessionCost, r) for r in d.get("sessions", [])],
             multi=[build(MultiSessionRow, r) for r in d.get("multi", [])],
             skipped=[build(Skipped, r) for r in d.get("skipped", [])],
+            texts=[build(TextRow, r) for r in d.get("texts", [])],
             format_version=d.get("format_version", RESULT_FORMAT_VERSION),
         )
 

@@ -59,6 +59,8 @@ def run_bench(
     sessions: int = 0,
     memory_cost: bool = True,
     progress: Progress | None = None,
+    texts=None,
+    batch_sizes=None,
 ) -> BenchResult:
     """Benchmark each export in `onnx_dirs` against the base export.
 
@@ -69,6 +71,8 @@ def run_bench(
     memory_cost: creation time and memory of one session per variant, each in
     a fresh process. sessions=N > 0: N swap sessions with N different
     extension tables in one process, against N merged sessions.
+    texts: the user's texts (a file or a list): tokens per text, end-to-end latency per batch
+    (tokenization included) for each of `batch_sizes`, and output fidelity; see bench/texts.py.
     """
     say = progress or (lambda msg: None)
     shapes = parse_shapes(shapes) if isinstance(shapes, str) else tuple(tuple(s) for s in shapes)
@@ -91,8 +95,18 @@ def run_bench(
     if problems:
         raise EmbdeployError("cannot run the benchmark:\n" + "\n".join(f"  - {p}" for p in problems))
 
+    if texts is not None:
+        from .texts import DEFAULT_BATCH_SIZES, parse_batch_sizes
+
+        batch_sizes = parse_batch_sizes(batch_sizes) if isinstance(batch_sizes, str) else tuple(batch_sizes or DEFAULT_BATCH_SIZES)
+        if isinstance(texts, (str, os.PathLike)):
+            from ..train.texts import read_texts
+
+            texts = read_texts(texts)
     base, variants = resolve_artifacts(list(onnx_dirs), base_dir)
     labels = variant_labels(base, variants)
+    if texts is not None and not variants:
+        raise EmbdeployError("--texts compares extended exports with the base: pass at least one extended export")
     arts: list[tuple[str, OnnxArtifact]] = [("base", base)] + list(zip(labels, variants))
 
     result = BenchResult(
@@ -130,6 +144,15 @@ def run_bench(
                     if provider != "cuda":
                         raise
                     result.skipped.append(Skipped(f"cuda session cost of {label}", str(e)))
+
+    if texts is not None:
+        from .texts import TEXT_MIX, measure_texts, text_shape
+
+        rows, text_rows = measure_texts(base, variants, labels, list(texts), batch_sizes, rounds, warmup, threads, say)
+        result.latency.extend(rows)
+        result.texts = text_rows
+        result.settings.update(text_batch_sizes=list(batch_sizes), text_mix=TEXT_MIX)
+        result.settings["shapes"] = result.settings["shapes"] + [text_shape(b) for b in batch_sizes]
 
     if sessions > 0:
         _multi(result, arts, sessions, threads, say)
