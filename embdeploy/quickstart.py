@@ -40,6 +40,8 @@ class QuickstartResult:
     quality_after: dict = field(default_factory=dict)
     exports: dict = field(default_factory=dict)  # mode -> {"dir", "max_abs_diff", "bytes"}
     bench: dict = field(default_factory=dict)  # mode -> {shape: ratio}
+    suggested: list = field(default_factory=list)  # what `suggest` finds in the shipped training corpus (top rows)
+    on_texts: dict = field(default_factory=dict)  # mode -> {token_reduction, ratio_b1, fidelity_mean, fidelity_min}
     plot: Path | None = None
     seconds: dict = field(default_factory=dict)
 
@@ -91,11 +93,23 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     terms = Path(terms) if terms else data_file("terms.txt")
     train_texts = Path(train_texts) if train_texts else data_file("train.txt")
     eval_texts = Path(eval_texts) if eval_texts else data_file("heldout.txt")
-    total = 6
+    total = 7
     t_all = time.perf_counter()
 
+    # 0. suggest: which words the shipped corpus would suggest (the demo keeps its 50 curated terms)
+    _stage(console, 1, total, f"suggest: the words worth adding in {train_texts.name}, by tokens saved")
+    t = time.perf_counter()
+    from .suggest import SuggestConfig, load_suggest_tokenizer, suggest
+
+    sg = suggest([train_texts], load_suggest_tokenizer(model), SuggestConfig(top=200, min_count=2), model_name=str(model))
+    for line in sg.lines(limit=8):
+        console.print(line, highlight=False, markup=False)
+    console.print(sg.summary(), highlight=False, markup=False)
+    res.suggested = [{"word": c.word, "count": c.count, "pieces": c.pieces, "saved": c.saved} for c in sg.candidates[:20]]
+    res.seconds["suggest"] = time.perf_counter() - t
+
     # 1. extend ------------------------------------------------------------------------------
-    _stage(console, 1, total, f"extend {model} with the terms in {terms.name}")
+    _stage(console, 2, total, f"extend {model} with the terms in {terms.name}")
     ext_dir, trained_dir = wd / "extension", wd / "extension-trained"
     t = time.perf_counter()
     tokens = read_token_file(terms)
@@ -113,7 +127,7 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     res.seconds["extend"] = time.perf_counter() - t
 
     # 2. train (quality before and after) ------------------------------------------------------
-    _stage(console, 2, total, "train the new rows (token distillation; the base stays frozen)")
+    _stage(console, 3, total, "train the new rows (token distillation; the base stays frozen)")
     t = time.perf_counter()
     held = read_texts(eval_texts)
     from .train import Evaluator
@@ -136,7 +150,7 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     res.seconds["train"] = time.perf_counter() - t
 
     # 3-4. export in every mode, each validated ------------------------------------------------
-    _stage(console, 3, total, "export to ONNX in three modes (base exported once, then a graph rewrite)")
+    _stage(console, 4, total, "export to ONNX in three modes (base exported once, then a graph rewrite)")
     t = time.perf_counter()
     cache = wd / "cache"
     for mode in MODES:
@@ -154,28 +168,32 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
         console.print(f"{mode}: validated, max abs diff {r.report.max_abs_diff:.2e}")
     res.seconds["export"] = time.perf_counter() - t
 
-    _stage(console, 4, total, "validation (ONNX Runtime vs PyTorch) passed for every mode")
+    _stage(console, 5, total, "validation (ONNX Runtime vs PyTorch) passed for every mode")
     for mode, e in res.exports.items():
         console.print(f"{mode}: max abs diff {e['max_abs_diff']:.2e}")
 
     # 5. bench ------------------------------------------------------------------------------
-    _stage(console, 5, total, "benchmark: base vs extended, interleaved, 1 thread")
+    _stage(console, 6, total, "benchmark: base vs extended, interleaved, 1 thread")
     t = time.perf_counter()
     from .bench import run_bench, write_markdown, write_plot
 
     result = run_bench([res.exports[m]["dir"] for m in MODES], rounds=bench_rounds, memory_cost=True,
-                       progress=lambda msg: console.print(f"[dim]  {msg}[/]"))
+                       progress=lambda msg: console.print(f"[dim]  {msg}[/]"), texts=held, batch_sizes=(1,))
     (wd / "bench.json").write_text(result.to_json())
     write_markdown(result, wd / "bench.md")
     res.plot = write_plot(result, wd / "bench.png")
     for row in result.latency:
         if row.mix == "base-ids" and row.variant != "base":
             res.bench.setdefault(row.mode, {})[row.shape] = row.ratio_to_base
+    ratio_b1 = {r.variant: r.ratio_to_base for r in result.latency if r.shape == "texts/b1"}
+    for r in result.texts:
+        res.on_texts[r.variant] = {"token_reduction": r.token_reduction, "ratio_b1": ratio_b1.get(r.variant),
+                                   "fidelity_mean": r.fidelity_mean, "fidelity_min": r.fidelity_min}
     res.seconds["bench"] = time.perf_counter() - t
     res.seconds["total"] = time.perf_counter() - t_all
 
     # 6. summary ----------------------------------------------------------------------------
-    _stage(console, 6, total, "summary")
+    _stage(console, 7, total, "summary")
     console.print(summary_table(res))
     return res
 
@@ -197,6 +215,11 @@ def summary_table(res: QuickstartResult) -> Table:
         rtxt = ", ".join(f"{s} {r:.3f}" for s, r in ratios.items())
         t.add_row(f"{mode}", f"max abs diff {e['max_abs_diff']:.1e}; latency ratio to base {rtxt}; "
                              f"{e['dir']} ({_fmt_bytes(e['bytes'])})")
+    if "merged" in res.on_texts:
+        o = res.on_texts["merged"]
+        t.add_row("on the held-out texts (merged)",
+                  f"{o['token_reduction']:.0%} fewer tokens, end-to-end latency ratio {o['ratio_b1']:.2f} at batch 1 "
+                  f"(tokenization included), fidelity {o['fidelity_mean']:.3f} (min {o['fidelity_min']:.3f})")
     if res.plot:
         t.add_row("plot", str(res.plot))
     t.add_row("report", str(res.workdir / "bench.md"))

@@ -99,7 +99,7 @@ class SuggestResult:
             return (f"no word in {self.corpus_texts} texts ({self.corpus_words} words) is cut into several pieces by "
                     f"this tokenizer at least {self.config.get('min_count')} times; nothing to add")
         return (f"{len(self.candidates)} tokens save {self.tokens_saved} of {self.corpus_tokens} corpus tokens "
-                f"({self.share_saved:.1%}); {self.corpus_texts} texts, {self.corpus_bytes / 1e6:.1f} MB in "
+                f"({self.share_saved:.1%}); {self.corpus_texts} texts, {_size(self.corpus_bytes)} in "
                 f"{self.seconds:.1f}s ({self.mb_per_minute:.0f} MB/min)")
 
     def lines(self, limit: int | None = 30) -> list[str]:
@@ -149,6 +149,10 @@ class SuggestResult:
         plt.close(fig)
         os.replace(tmp, path)
         return Path(path)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def write_text_output(path, body: str, overwrite: bool, inputs=()) -> Path:

@@ -420,3 +420,49 @@ def test_lm_head_module_keeps_base_logits(bpe_tokenizer):
     base_only = _enc(ext.tokenizer, ["the fever"])
     with torch.no_grad():
         assert torch.equal(model(**base_only).logits[..., : ext.V], ref(**base_only).logits)
+
+
+def test_tokens_equal_after_normalization_get_one_row(wordpiece_tokenizer, bpe_tokenizer):
+    """Uncased BERT folds case and strips accents (NFD): 'Hyperkalemia', 'hyperkalémia' and the NFD spelling of
+    'caféine' are the tokens already listed; each would get a row the tokenizer never produces, so each is skipped."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "caféine"), unicodedata.normalize("NFD", "caféine")
+    tokens = ["hyperkalemia", "Hyperkalemia", "hyperkalémia", nfc, nfd]
+    ext = Extension(tiny_bert(), copy.deepcopy(wordpiece_tokenizer))
+    rep = ext.add(ExtensionConfig(tokens=tokens))
+    assert [t for t, _ in rep.added] == ["hyperkalemia", nfc]
+    assert [t for t, _ in rep.skipped] == ["Hyperkalemia", "hyperkalémia", nfd]
+    assert all("the same token as" in why and "never be used" in why for _, why in rep.skipped)
+    for t, i in rep.added:  # every row that exists is one the tokenizer produces
+        assert ext.tokenizer(t, add_special_tokens=False)["input_ids"] == [i]
+    # stacking a spelling of a token an earlier group has
+    rep2 = ext.add(ExtensionConfig(tokens=["Troponin", "TROPONIN", "troponin"][:1] + ["HYPERKALEMIA"], name="more"))
+    assert [t for t, _ in rep2.added] == ["Troponin"]
+    assert "an earlier extension group" in dict(rep2.skipped)["HYPERKALEMIA"]
+    with pytest.raises(EmbdeployError, match="the same token as 'hyperkalemia'"):
+        Extension(tiny_bert(), copy.deepcopy(wordpiece_tokenizer)).add(ExtensionConfig(tokens=tokens, strict=True))
+    # a cased tokenizer without a normalizer tells them apart: both get rows, both are produced
+    bpe = Extension(tiny_gpt2(len(bpe_tokenizer)), copy.deepcopy(bpe_tokenizer))
+    rep = bpe.add(ExtensionConfig(tokens=["Troponin", "troponin"]))
+    assert len(rep.added) == 2 and not rep.skipped
+
+
+def test_invisible_characters_in_tokens_are_refused():
+    from embdeploy.extend.config import token_list_problems
+
+    bad = ["zw\u200bsp", "bidi\u202eoverride", "del\x7f", "n\x85el", "line\u2028sep", "tab\tin"]
+    problems = token_list_problems(bad + ["family\U0001F468\u200d\U0001F469", "نیم\u200cفاصله"])
+    assert len(problems) == len(bad)
+    joined = " ".join(problems)
+    for code in ("U+200B (ZERO WIDTH SPACE)", "U+202E (RIGHT-TO-LEFT OVERRIDE)", "U+007F", "U+0085", "U+2028 (LINE SEPARATOR)", "U+0009"):
+        assert code in joined, code
+    assert "remove them" in joined
+
+
+def test_comment_lines_are_reported(tmp_path, wordpiece_tokenizer):
+    f = tmp_path / "t.txt"
+    f.write_text("# my terms\ntroponin\n#hashtag\nhyperkalemia\n")
+    notes = []
+    assert read_token_file(f, notes=notes) == ["troponin", "hyperkalemia"]
+    assert notes == ["2 line(s) of t.txt start with '#' and were read as comments, not tokens"]

@@ -37,8 +37,9 @@ def first_run(tmp_path_factory):
 
 def test_every_stage_runs_and_the_summary_reports_it(first_run):
     wd, text = first_run
-    for n, stage in enumerate(("extend", "train", "export", "validation", "benchmark", "summary"), 1):
-        assert re.search(rf"\b{n}/6\b.*{stage}", text), f"stage {n} ({stage}) missing"
+    for n, stage in enumerate(("suggest", "extend", "train", "export", "validation", "benchmark", "summary"), 1):
+        assert re.search(rf"\b{n}/7\b.*{stage}", text), f"stage {n} ({stage}) missing"
+    assert re.search(r"tokens saved .*cumulative", text) and "corpus tokens" in text  # suggest's table and summary
     assert re.search(r"tokens added\W+50\b", text)
     before, after = map(float, re.search(r"before training (\d\.\d+) / .*after (\d\.\d+) /", text).groups())
     assert after > before  # 30 steps already help
@@ -53,6 +54,13 @@ def test_every_stage_runs_and_the_summary_reports_it(first_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     bench = json.loads((wd / "bench.json").read_text())
     assert {v["mode"] for v in bench["variants"]} == {"merged", "split", "swap"}
+    # the value line: what the extension buys on the held-out texts, as the bench measured it
+    m = re.search(r"on the held-out texts \(merged\)\W+(\d+)% fewer tokens, end-to-end latency ratio (\d\.\d+) at batch 1"
+                  r".*fidelity (\d\.\d+) \(min (\d\.\d+)\)", " ".join(text.split()))
+    assert m, "summary line on the held-out texts missing"
+    merged = next(r for r in bench["texts"] if r["variant"] == "merged")
+    assert int(m.group(1)) == round(100 * merged["token_reduction"]) and merged["token_reduction"] > 0.05
+    assert float(m.group(3)) == pytest.approx(merged["fidelity_mean"], abs=6e-4)
 
 
 def test_a_rerun_reuses_what_is_there(first_run):

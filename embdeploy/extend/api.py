@@ -17,7 +17,8 @@ def extend_cli(model: str, tokens: Path, out: Path, *, name="default", init="sub
 
     inputs = (model, tokens, tokenizer, init_source)
     check_output_dir(Path(out), overwrite, "extension", inputs)  # fail before loading anything
-    token_list = read_token_file(tokens)
+    file_notes: list[str] = []
+    token_list = read_token_file(tokens, notes=file_notes)
     cfg = ExtensionConfig(tokens=token_list, name=name, init=init, init_token=init_token,
                           init_source=init_source, seed=seed, strict=strict)
     if (Path(model) / MANIFEST).is_file():
@@ -33,7 +34,7 @@ def extend_cli(model: str, tokens: Path, out: Path, *, name="default", init="sub
         "out": str(out),
         "added": report.added,
         "skipped": report.skipped,
-        "notes": report.notes,
+        "notes": file_notes + report.notes,
         "first_id": report.added[0][1],
         "last_id": report.added[-1][1],
         "V": ext.V,

@@ -60,6 +60,22 @@ class ExtensionConfig:
         return d
 
 
+# Zero-width (non-)joiners are part of how emoji sequences and several scripts (Persian, Indic) are written.
+_ALLOWED_FORMAT = {"\u200c", "\u200d"}
+
+
+def invisible_characters(token: str) -> list[str]:
+    """The control, format (zero-width, bidi) and line/paragraph separator characters in `token`, named."""
+    import unicodedata
+
+    found = []
+    for c in dict.fromkeys(token):
+        cat = unicodedata.category(c)
+        if cat in ("Cc", "Zl", "Zp") or (cat == "Cf" and c not in _ALLOWED_FORMAT):
+            found.append(f"U+{ord(c):04X} ({unicodedata.name(c, 'control character')})")
+    return found
+
+
 def token_list_problems(tokens: list) -> list[str]:
     problems = []
     if not tokens:
@@ -80,8 +96,10 @@ def token_list_problems(tokens: list) -> list[str]:
             problems.append(f"token #{i} {t!r} has leading or trailing whitespace; strip it")
         if len(t) > MAX_TOKEN_CHARS:
             problems.append(f"token #{i} is {len(t)} characters long (max {MAX_TOKEN_CHARS}); is this a token list?")
-        if any(ord(c) < 32 for c in t):
-            problems.append(f"token #{i} {t!r} contains control characters")
+        hidden = invisible_characters(t)
+        if hidden:
+            problems.append(f"token #{i} {t!r} contains {', '.join(hidden)}: invisible or control characters make "
+                            "the token differ from what users type; remove them")
         if t in seen:
             problems.append(f"token {t!r} appears twice (#{seen[t]} and #{i}); keep one")
         else:
@@ -89,8 +107,11 @@ def token_list_problems(tokens: list) -> list[str]:
     return problems
 
 
-def read_token_file(path) -> list[str]:
-    """Read one token per line (UTF-8); '#' starts a comment line. Raises on any problem, all listed."""
+def read_token_file(path, notes: list | None = None) -> list[str]:
+    """Read one token per line (UTF-8); '#' starts a comment line. Raises on any problem, all listed.
+
+    `notes`, if given, receives what happened to lines that are not tokens (comments, blank lines).
+    """
     from pathlib import Path
 
     from ..fsutil import check_regular_file
@@ -110,6 +131,9 @@ def read_token_file(path) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()
     tokens = [ln for ln in lines if not ln.lstrip().startswith("#")]
+    comments = len(lines) - len(tokens)
+    if notes is not None and comments:
+        notes.append(f"{comments} line(s) of {p.name} start with '#' and were read as comments, not tokens")
     if not any(t.strip() for t in tokens):
         raise EmbdeployError(f"token file {p} has no tokens; write one new token per line")
     raise_all(token_list_problems(tokens), f"token file {p} has problems:")

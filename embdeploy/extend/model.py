@@ -211,9 +211,19 @@ class Extension:
         added = set(self.tokens)
         keep, skipped, notes = [], [], []
         pre = getattr(self.base_tokenizer.backend_tokenizer, "pre_tokenizer", None)
+        norm = tokenizer_form(self.base_tokenizer)
+        # Tokens are compared as the tokenizer will see them: two that normalize alike would get two
+        # ids, and the tokenizer would only ever produce one of them (the other row dead).
+        seen = {norm(t): t for t in self.tokens}
         for t in tokens:
             if t in added:
                 skipped.append((t, "already added by an earlier extension group"))
+                continue
+            other = seen.get(norm(t))
+            if other is not None:
+                where = "an earlier extension group" if other in added else "this list"
+                skipped.append((t, f"the same token as {other!r} ({where}) once the tokenizer normalizes it "
+                                   f"(both read as {norm(t)!r}); a second row would never be used"))
                 continue
             why = already_one_token(self.base_tokenizer, t, vocab)
             if why:
@@ -225,6 +235,7 @@ class Extension:
                     "in text before that split"
                 )
             keep.append(t)
+            seen[norm(t)] = t
         if strict and skipped:
             raise_all([f"{t!r}: {why}" for t, why in skipped], "tokens that cannot be added (strict mode):")
         return keep, skipped, notes
@@ -311,6 +322,13 @@ class Extension:
             save_tokenizer(self.base_tokenizer, tmp / BASE_TOKENIZER)
             (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2, ensure_ascii=False) + "\n")
         return Path(out)
+
+
+def tokenizer_form(tokenizer):
+    """token -> the string the tokenizer matches it as (its normalizer applied; identity without one)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    norm = getattr(backend, "normalizer", None)
+    return norm.normalize_str if norm is not None else (lambda s: s)
 
 
 def new_added_token(token: str):
