@@ -228,6 +228,35 @@ def test_resume_refuses_other_settings(wordpiece_tokenizer, bpe_tokenizer, tmp_p
         train(ext, corpus(NEW_WP), steps=2, checkpoint_dir=tmp_path / "nothing", resume=True, progress=False)
 
 
+def test_resume_refuses_a_changed_or_nonfinite_checkpoint(wordpiece_tokenizer, bpe_tokenizer, tmp_path):
+    """A float of a checkpoint's rows set to 3.4e37 is caught by the digests; NaN is caught even when the
+    digests are rewritten to match."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    ext = make_ext("bert", wordpiece_tokenizer, bpe_tokenizer)
+    train(ext, corpus(NEW_WP), steps=2, batch_size=4, checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
+    cp = latest_checkpoint(tmp_path)
+    tables = load_file(str(cp / "tables.safetensors"))
+    tables["embed.default"][0, 0] = 3.4e37
+    save_file(tables, str(cp / "tables.safetensors"), metadata={"format": "embdeploy-train-checkpoint"})
+    again = dict(steps=4, batch_size=4, checkpoint_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(EmbdeployError, match="tables.safetensors changed after it was written"):
+        train(ext, corpus(NEW_WP), **again)
+    tables["embed.default"][0, 0] = float("nan")
+    save_file(tables, str(cp / "tables.safetensors"), metadata={"format": "embdeploy-train-checkpoint"})
+    state = json.loads((cp / "state.json").read_text())
+    state["digests"]["tables.safetensors"] = "sha256:" + hashlib.sha256((cp / "tables.safetensors").read_bytes()).hexdigest()
+    (cp / "state.json").write_text(json.dumps(state))
+    with pytest.raises(EmbdeployError, match="holds NaN or Inf in embed.default"):
+        train(ext, corpus(NEW_WP), **again)
+    del state["digests"]
+    (cp / "state.json").write_text(json.dumps(state))
+    with pytest.raises(EmbdeployError, match="has no digests"):
+        train(ext, corpus(NEW_WP), **again)
+
+
 def test_checkpoint_survives_save_and_load(wordpiece_tokenizer, bpe_tokenizer, tmp_path):
     ext = make_ext("bert", wordpiece_tokenizer, bpe_tokenizer)
     ext.base_info.ref = ext.base_info.path = ""

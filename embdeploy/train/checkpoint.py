@@ -53,7 +53,8 @@ def save_checkpoint(directory, step: int, ext, opt, state: dict) -> Path:
     with atomic_output_dir(out, overwrite=True, kind="checkpoint") as tmp:
         save_file(ext.state_tensors(), str(tmp / TABLES), metadata={"format": FORMAT})
         save_file(tensors, str(tmp / OPTIM), metadata={"format": FORMAT})
-        body = {"format": FORMAT, "step": step, "optimizer_param_groups": groups, **state}
+        body = {"format": FORMAT, "step": step, "optimizer_param_groups": groups, **state,
+                "digests": {name: _sha256(tmp / name) for name in (TABLES, OPTIM)}}
         (tmp / STATE).write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
     for old in list_checkpoints(root)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
@@ -74,15 +75,48 @@ def latest_checkpoint(directory) -> Path | None:
     return cps[-1] if cps else None
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _verify(p: Path, state: dict) -> None:
+    """Every byte of the tensors is checked against the digests written with them."""
+    digests = state.get("digests")
+    if not isinstance(digests, dict):
+        raise EmbdeployError(
+            f"checkpoint {p} has no digests (written by an older embdeploy, or state.json was edited); "
+            "its rows cannot be trusted: delete it and train again, or resume from a newer checkpoint"
+        )
+    bad = [name for name in (TABLES, OPTIM) if not (p / name).is_file() or digests.get(name) != _sha256(p / name)]
+    if bad:
+        raise EmbdeployError(
+            f"checkpoint {p}: {', '.join(bad)} changed after it was written (its sha256 differs from state.json); "
+            "delete this checkpoint to resume from an older one, or start fresh"
+        )
+
+
 def load_checkpoint(path, ext, opt) -> dict:
-    """Put the checkpoint's rows into `ext` and its moments into `opt`; return state.json."""
+    """Put the checkpoint's rows into `ext` and its moments into `opt`; return state.json.
+
+    Refuses a checkpoint whose files do not match their digests, or whose tensors hold NaN or Inf.
+    """
     from safetensors.torch import load_file
 
     p = Path(path)
     try:
         state = json.loads((p / STATE).read_text())
+        if isinstance(state, dict) and state.get("format") == FORMAT:
+            _verify(p, state)
         tables = load_file(str(p / TABLES))
         moments = load_file(str(p / OPTIM))
+    except EmbdeployError:
+        raise
     except Exception as e:  # json or safetensors errors on a damaged checkpoint
         raise EmbdeployError(f"checkpoint {p} is damaged ({str(e).splitlines()[0]}); delete it to resume from an older one") from None
     if state.get("format") != FORMAT:
@@ -95,6 +129,10 @@ def load_checkpoint(path, ext, opt) -> dict:
     ]
     if problems:
         raise EmbdeployError(f"checkpoint {p} does not fit this extension: " + "; ".join(problems))
+    nonfinite = [k for k, t in (*tables.items(), *moments.items()) if t.is_floating_point() and not torch.isfinite(t).all()]
+    if nonfinite:
+        raise EmbdeployError(f"checkpoint {p} holds NaN or Inf in {', '.join(nonfinite[:5])}; delete it to resume "
+                             "from an older one, or start fresh")
     with torch.no_grad():
         for name, param in ext.embed_tables.items():
             param.copy_(tables[f"embed.{name}"])
