@@ -28,6 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # help strings hold "[default: …]" and "[serve]", which rich markup would swallow
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console(stderr=True)

@@ -95,3 +95,26 @@ def test_readonly_output_dir(tmp_path):
     rc, _, err = run("extend", "minilm", "--tokens", tmp_path / "t.txt", "--out", target)
     assert rc != 0 and "Traceback" not in err
     assert "choose a writable --out" in " ".join(err.split())
+
+
+def test_every_help_shows_the_defaults_its_options_state():
+    """Help strings say "[default: …]" where the default is not a plain value; rich markup used to swallow them."""
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from embdeploy.cli import app
+
+    cmd = typer.main.get_command(app)
+    runner = CliRunner()
+    checked = 0
+    for name, sub in cmd.commands.items():
+        res = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+        assert res.exit_code == 0, res.output
+        shown = " ".join(re.sub(r"[│╭╮╰╯─]", " ", res.output).split())
+        for p in sub.params:
+            for stated in re.findall(r"\[default: [^\]]+\]", p.help or ""):
+                assert " ".join(stated.split()) in shown, f"{name} --help hides {stated!r} of {p.name}"
+                checked += 1
+    assert checked >= 15
