@@ -262,7 +262,7 @@ def train(
     texts: Path = typer.Option(..., "--texts", help="Training texts: plain text (one per line) or JSON lines ({\"text\": ...})."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the trained extension here [default: update EXT_DIR in place]."),
     objective: Objective = typer.Option(Objective.distill, help="distill: match the original tokenization's hidden states (any model); mlm: masked-LM head; clm: causal LM."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: per objective, distill 300]."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: 3 per new token, at least 300]."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (warm-up then cosine decay) [default: per objective]."),
     batch_size: int = typer.Option(32, help="Global batch size (split over processes under torchrun)."),
     layer: int = typer.Option(-1, help="distill: hidden layer to match (-1 = last)."),

@@ -228,6 +228,17 @@ def test_resume_refuses_other_settings(wordpiece_tokenizer, bpe_tokenizer, tmp_p
         train(ext, corpus(NEW_WP), steps=2, checkpoint_dir=tmp_path / "nothing", resume=True, progress=False)
 
 
+def test_default_schedule_scales_with_k_and_says_so(wordpiece_tokenizer, bpe_tokenizer, one_thread):
+    from embdeploy.train.loop import default_steps
+
+    assert default_steps("distill", 50) == 300 and default_steps("distill", 1000) == 3000
+    tokens = [f"zq{i:03d}xw" for i in range(110)]
+    ext = make_ext("bert", wordpiece_tokenizer, bpe_tokenizer, tokens=tokens)
+    rec = train(ext, [f"the {t} rose" for t in tokens], batch_size=4, progress=False)
+    assert rec.steps == 330
+    assert rec.notes[0].startswith("steps: 330 (the default for K=110: 3 per new token, at least 300")
+
+
 def test_resume_refuses_a_changed_or_nonfinite_checkpoint(wordpiece_tokenizer, bpe_tokenizer, tmp_path):
     """A float of a checkpoint's rows set to 3.4e37 is caught by the digests; NaN is caught even when the
     digests are rewritten to match."""
