@@ -70,6 +70,10 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 _ALIASES = {"token_embeddings": "last_hidden_state"}  # optimum's sentence-transformers export
 TOKENS_PER_TEXT = 16
 BATCH = 8
+# Past this K the probes pack more new tokens per row and more rows per call (the same ids, every one
+# probed, in a few large calls rather than hundreds of small ones): K=20,000 on MiniLM validated in
+# 25 s before, see perf/README.md for after.
+LARGE_K = 1024
 
 
 def tolerance_for(dtype: str, provider: str) -> Tolerance:
@@ -208,11 +212,11 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def _batches(name: str, rows: list[list[int]], pad_id: int) -> list[Probe]:
+def _batches(name: str, rows: list[list[int]], pad_id: int, batch: int = BATCH) -> list[Probe]:
     probes = []
-    for start in range(0, len(rows), BATCH):
-        chunk = rows[start : start + BATCH]
-        suffix = f" {start // BATCH + 1}" if len(rows) > BATCH else ""
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        suffix = f" {start // batch + 1}" if len(rows) > batch else ""
         probes.append(Probe(name + suffix, *_pad(chunk, pad_id)))
     return probes
 
@@ -231,8 +235,10 @@ def build_probes(tokenizer, V: int, K: int, max_len: int = 512) -> tuple[list[Pr
     tokens = [tokenizer.convert_ids_to_tokens(i) for i in range(V, V + K)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     start = [i for i in (tokenizer.cls_token_id, tokenizer.bos_token_id) if i is not None][:1]
-    per_text = max(1, min(TOKENS_PER_TEXT, max_len // 4))  # room for the filler pieces around them
-    per_row = max(1, min(2 * TOKENS_PER_TEXT, max_len - len(start)))
+    scale = 4 if K > LARGE_K else 1
+    batch = BATCH * scale
+    per_text = max(1, min(TOKENS_PER_TEXT * scale, max_len // 4))  # room for the filler pieces around them
+    per_row = max(1, min(2 * TOKENS_PER_TEXT * scale, max_len - len(start)))
 
     def encode(text: str) -> list[int]:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_len]
@@ -244,7 +250,7 @@ def build_probes(tokenizer, V: int, K: int, max_len: int = 512) -> tuple[list[Pr
         for s in range(0, K, per_text):
             text_rows.append(encode("the " + " ".join(tokens[s : s + per_text]) + " ."))
             produced.update(i for i in text_rows[-1] if i >= V)
-        probes += _batches("new tokens (text)", text_rows, pad_id)
+        probes += _batches("new tokens (text)", text_rows, pad_id, batch)
         missing = [t for i, t in zip(range(V, V + K), tokens) if i not in produced]
         if missing:
             notes.append(
@@ -253,7 +259,7 @@ def build_probes(tokenizer, V: int, K: int, max_len: int = 512) -> tuple[list[Pr
             )
         new_ids = [V + K - 1, V] + list(range(V + 1, V + K - 1)) if K > 1 else [V]
         id_rows = [start + new_ids[s : s + per_row] for s in range(0, len(new_ids), per_row)]
-        probes += _batches("new ids (direct)", id_rows, pad_id)
+        probes += _batches("new ids (direct)", id_rows, pad_id, batch)
     base_text = "the quick brown fox jumps over the lazy dog"
     base_ids = encode(base_text)
     if any(i >= V for i in base_ids):
