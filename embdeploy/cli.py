@@ -477,12 +477,17 @@ def serve(
     extension: Optional[Path] = typer.Option(None, help="Swap exports: serve with this extension directory's table."),
     max_batch: int = typer.Option(64, help="Most texts in one request (more gets 413)."),
     max_chars: int = typer.Option(20000, help="Longest text in characters (longer gets 413)."),
+    header_timeout: float = typer.Option(10.0, help="Seconds for a request's headers to arrive (slow clients are closed)."),
+    body_timeout: float = typer.Option(30.0, help="Seconds for a request's body to arrive (else 408)."),
+    keep_alive: float = typer.Option(5.0, help="Seconds an idle keep-alive connection stays open."),
+    max_connections: int = typer.Option(1000, help="Open connections at most; more are closed at once."),
 ):
     """Serve an export over HTTP: POST /v1/encode, POST /v1/embeddings, GET /healthz, GET /v1/metadata (needs the `serve` extra: pip install "embdeploy[serve]")."""
     from .runtime.serve import serve as run_server
 
     run_server(onnx_dir, host=host, port=port, providers=providers, threads=threads,
-               extension=extension, max_batch=max_batch, max_chars=max_chars)
+               extension=extension, max_batch=max_batch, max_chars=max_chars, header_timeout=header_timeout,
+               body_timeout=body_timeout, keep_alive=keep_alive, max_connections=max_connections)
 
 
 # ------------------------------------------------------------------------------------------ quickstart

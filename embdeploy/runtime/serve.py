@@ -8,17 +8,33 @@
                          -> {"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "usage"}
 
 Every request is checked before it reaches the model; a bad one gets a 4xx
-with {"error": {"message", "type"}} saying what to change: invalid JSON 400,
-wrong types, empty text, unknown fields 422, too many texts, too long a text,
-too large a body or response 413. The model runs in a worker thread, one
+with {"error": {"message", "type"}} saying what to change: invalid JSON (also
+nested too deeply, or a number of thousands of digits) 400, a Content-Type other
+than application/json 415 (so a browser page cannot post a "simple" cross-site
+request), wrong types, empty text, a lone surrogate, unknown fields 422, too many
+texts, too long a text, too large a body or response 413 (the response's size is
+known from the tokenized batch, so it is refused before the model runs), a body
+that does not arrive in time 408. No client mistake is a 500 or a logged
+traceback, and no message or route shows a path of the server's file system.
+
+Connections are bounded: request headers must arrive within `header_timeout`
+seconds of the connection (or of the previous response), the body within
+`body_timeout`, idle keep-alive connections close after `keep_alive` seconds, and
+at most `max_connections` are open at once (a slowloris of hundreds of sockets
+is dropped, and /healthz keeps answering). The model runs in a worker thread, one
 request per `Session.encode` call, so a response is exactly what
 `session.encode(texts)` returns for the same texts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import logging
+import socket
+
+from pathlib import Path
 
 from ..errors import EmbdeployError
 from .session import Session
@@ -31,6 +47,10 @@ MAX_VALUES = 8_000_000  # numbers in one response (~150 MB of JSON)
 _JSON_BYTES_PER_CHAR = 12  # a non-BMP character written as two \uXXXX escapes
 ENCODE_FIELDS = ("texts", "output", "max_length")
 EMBEDDINGS_FIELDS = ("input", "model", "encoding_format")
+HEADER_TIMEOUT = 10.0  # seconds for a request's headers to arrive
+BODY_TIMEOUT = 30.0  # seconds for its body
+KEEP_ALIVE = 5.0  # seconds an idle keep-alive connection stays open
+MAX_CONNECTIONS = 1000  # open connections; more are closed at once
 
 
 class RequestError(Exception):
@@ -56,6 +76,7 @@ def create_app(
     max_chars: int = MAX_CHARS,
     batch_size: int = 32,
     max_values: int = MAX_VALUES,
+    body_timeout: float = BODY_TIMEOUT,
 ):
     """A Starlette (ASGI) app serving `session`; see the module docstring for the routes and limits."""
     _starlette()
@@ -83,14 +104,25 @@ def create_app(
         return reply({"error": {"message": message, "type": kind}}, status)
 
     async def read_json(request) -> dict:
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise RequestError(415, f"Content-Type must be application/json, got {ctype[:60]!r}; send the JSON body "
+                                    "with the header Content-Type: application/json")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body:
             raise RequestError(413, f"the request body has {declared} bytes, the limit is {max_body}; send fewer or shorter texts")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body:
-                raise RequestError(413, f"the request body is over the limit of {max_body} bytes; send fewer or shorter texts")
+
+        async def collect():
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > max_body:
+                    raise RequestError(413, f"the request body is over the limit of {max_body} bytes; send fewer or shorter texts")
+
+        try:
+            await asyncio.wait_for(collect(), timeout=body_timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {body_timeout:g} s; send it at once") from None
         if not body:
             raise RequestError(400, 'the request has no body; send JSON like {"texts": ["some text"]}')
         try:
@@ -99,6 +131,11 @@ def create_app(
             raise RequestError(400, "the request body is not UTF-8 text; send UTF-8 encoded JSON") from None
         except json.JSONDecodeError as e:
             raise RequestError(400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        except RecursionError:
+            raise RequestError(400, "the request body is JSON nested too deeply; send a flat object like "
+                                    '{"texts": ["some text"]}') from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise RequestError(400, f"the request body holds a value that cannot be read ({str(e).splitlines()[0][:120]})") from None
         if not isinstance(data, dict):
             raise RequestError(422, f'the request body must be a JSON object like {{"texts": ["some text"]}}, got a JSON {_json_type(data)}')
         return data
@@ -120,18 +157,41 @@ def create_app(
                 raise RequestError(422, f"{field}[{i}] must be a string, got a JSON {_json_type(t)}")
             if not t.strip():
                 raise RequestError(422, f"{field}[{i}] is empty; every text needs at least one non-space character")
+            bad = _lone_surrogate(t)
+            if bad is not None:
+                raise RequestError(422, f"{field}[{i}] holds a lone surrogate (U+{ord(t[bad]):04X} at character {bad}), "
+                                        "which is not text; send valid Unicode (pair surrogates, or escape the bytes)")
             if len(t) > max_chars:
                 raise RequestError(413, f"{field}[{i}] has {len(t)} characters, the limit is {max_chars}; shorten or split it")
         return texts
 
+    widths = {"sentence_embedding": 1, "pooler_output": 1}
+
+    def predicted_values(output: str, enc: dict) -> int:
+        """Numbers the response will hold, from the tokenized batch (before the model runs)."""
+        B, S = enc["input_ids"].shape
+        last = (session.V + session.K) if output == "logits" else session.H
+        return B * last * (1 if widths.get(output) else S)
+
     async def encode_with(texts: list[str], output: str, max_length):
         pinned = session.snapshot()  # the numbers and the fingerprint reported with them come from one table
+        try:
+            enc = pinned.tokenize(texts, max_length=max_length)
+        except EmbdeployError as e:
+            raise RequestError(422, _hide_paths(str(e), session)) from None
+        n = predicted_values(output, enc)
+        if n > max_values:
+            raise RequestError(
+                413, f"the response would hold {n} numbers ({output} for {len(texts)} texts of up to "
+                f"{enc['input_ids'].shape[1]} tokens), the limit is {max_values}; send fewer or shorter texts, "
+                "or pass max_length"
+            )
         try:
             result = await run_in_threadpool(
                 pinned.encode, texts, batch_size=batch_size, max_length=max_length, outputs=[output]
             )
         except EmbdeployError as e:
-            raise RequestError(422, str(e)) from None
+            raise RequestError(422, _hide_paths(str(e), session)) from None
         values = result[output]
         if values.size > max_values:
             raise RequestError(
@@ -144,7 +204,11 @@ def create_app(
         return reply({"status": "ok", "mode": session.mode, "K": session.K})
 
     async def metadata(request):
-        return reply(session.metadata())
+        meta = session.metadata()
+        meta["path"] = session.path.name  # never the server's file system layout
+        if isinstance(meta.get("extension"), str) and meta["extension"] not in ("export",):
+            meta["extension"] = Path(meta["extension"]).name
+        return reply(meta)
 
     async def encode(request):
         data = await read_json(request)
@@ -227,6 +291,100 @@ def create_app(
     return app
 
 
+def _lone_surrogate(text: str) -> int | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def _hide_paths(message: str, session) -> str:
+    """A session's error message as a client may see it: the export's absolute path becomes its name."""
+    for p in sorted({str(session.path), str(session.path.resolve())}, key=len, reverse=True):
+        message = message.replace(p, session.path.name)
+    return message
+
+
+def guarded_protocol(header_timeout: float = HEADER_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
+    """uvicorn's h11 protocol with a deadline for request headers and a cap on open connections.
+
+    uvicorn times out idle keep-alive connections, but not a connection that never completes its
+    headers (slowloris): this closes such a connection `header_timeout` seconds after it opened
+    (or after its last response), and closes new connections beyond `max_connections` at once.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            if len(self.connections) >= max_connections:
+                transport.close()
+                self.transport = transport
+                self._refused = True
+                return
+            self._refused = False
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            if getattr(self, "_refused", False):
+                return
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if getattr(self, "_refused", False):
+                return
+            super().data_received(data)
+            waiting = self.cycle is None or self.cycle.response_complete
+            if not waiting:
+                self._disarm()  # headers are in: the body has the app's own deadline
+            elif self._header_timer is None:
+                self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._disarm()
+
+        def _arm(self):
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout, self._too_slow)
+
+        def _disarm(self):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self):
+            self._header_timer = None
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before the server starts, so a taken port is a clear error (not uvicorn's exit 3)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise EmbdeployError(f"cannot bind {host}:{port}: {e.strerror}; pass --host 127.0.0.1 or an address of this machine") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise EmbdeployError(f"port {port} on {host} is already in use (another server?); pass another --port, "
+                                 "or stop what listens there") from None
+        raise EmbdeployError(f"cannot bind {host}:{port}: {e.strerror}; pass another --host or --port") from None
+    return sock
+
+
 def _json_type(value) -> str:
     if value is None:
         return "null"
@@ -252,6 +410,10 @@ def serve(
     max_chars: int = MAX_CHARS,
     log_level: str = "info",
     access_log: bool = False,
+    header_timeout: float = HEADER_TIMEOUT,
+    body_timeout: float = BODY_TIMEOUT,
+    keep_alive: float = KEEP_ALIVE,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> None:
     """Open a Session on `onnx_dir` and serve it with uvicorn until interrupted (Ctrl-C / SIGTERM)."""
     _starlette()
@@ -263,9 +425,16 @@ def serve(
         ) from None
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise EmbdeployError(f"port must be an integer in 0..65535, got {port!r}")
+    for name, value in (("header_timeout", header_timeout), ("body_timeout", body_timeout), ("keep_alive", keep_alive),
+                        ("max_connections", max_connections)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise EmbdeployError(f"{name} must be a positive number, got {value!r}")
     session = Session(onnx_dir, providers=providers, threads=threads, extension=extension)
-    app = create_app(session, max_batch=max_batch, max_chars=max_chars)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)
+    app = create_app(session, max_batch=max_batch, max_chars=max_chars, body_timeout=body_timeout)
+    sock = bind_socket(host, port)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            http=guarded_protocol(header_timeout, int(max_connections)), timeout_keep_alive=keep_alive)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 __all__ = ["create_app", "serve", "RequestError", "MAX_BATCH", "MAX_CHARS", "MAX_VALUES"]

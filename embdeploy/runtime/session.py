@@ -732,6 +732,12 @@ def _as_texts(texts) -> list[str]:
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise EmbdeployError(f"texts[{bad[0]}] is a {type(texts[bad[0]]).__name__}, not a string")
+    for i, t in enumerate(texts):
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise EmbdeployError(f"texts[{i}] holds a lone surrogate (U+{ord(t[e.start]):04X} at character {e.start}), "
+                                 "which is not text and no tokenizer can read; pass valid Unicode") from None
     return list(texts)
 
 
