@@ -411,6 +411,34 @@ def no_code_ran(d: Path) -> None:
     assert not list(d.rglob("CODE_RAN")), "code shipped in an artifact was run"
 
 
+
+def edit_manifest(fn):
+    """A change for export_copy: fn(manifest dict) edits embdeploy.json in place (its digests untouched)."""
+
+    def change(e: Path) -> None:
+        m = json.loads((e / "embdeploy.json").read_text())
+        fn(m)
+        (e / "embdeploy.json").write_text(json.dumps(m, indent=2))
+
+    return change
+
+
+def unlist(name: str):
+    return edit_manifest(lambda m: m["files"].pop(name))
+
+
+def add_stray_file(e: Path) -> None:
+    (e / "notes.bin").write_bytes(b"unverified bytes")
+
+
+def ext_without_fingerprint(w: World, d: Path):
+    ext = copy(w.ext_a, d, "ext")
+    m = json.loads((ext / "extension.json").read_text())
+    del m["extension_fingerprint"]
+    (ext / "extension.json").write_text(json.dumps(m))
+    return ["export", ext, "--out", d / "out"]
+
+
 @dataclass
 class CliCase:
     id: str
@@ -526,6 +554,33 @@ CLI_CASES = [
     CliCase("base-remote-code", base_remote_code,
             ("base model directory", "asks to run code of its own", "evil_model.py is Python code",
              "config.json has an auto_map"), after=no_code_ran),
+    # every byte of an export is covered, paths stay inside, behaviour fields agree with the graph
+    CliCase("validate-file-unlisted", validate_of(export_copy("swap", unlist("extension.onnx.data"))),
+            ("extension.onnx.data: not listed in embdeploy.json, so nothing vouches for it",)),
+    CliCase("validate-file-added", validate_of(export_copy("swap", add_stray_file)),
+            ("notes.bin: not listed in embdeploy.json", "remove it or re-export")),
+    CliCase("validate-files-dotdot", validate_of(export_copy("swap", edit_manifest(
+        lambda m: m["files"].update({"../../etc/passwd": "sha256:" + "0" * 64})))),
+            ("files lists '../../etc/passwd': '..' and empty path parts are refused",)),
+    CliCase("validate-files-absolute", validate_of(export_copy("swap", edit_manifest(
+        lambda m: m["files"].update({"/etc/passwd": "sha256:" + "0" * 64})))),
+            ("files lists '/etc/passwd': absolute paths are refused",)),
+    CliCase("validate-mode-edited", validate_of(export_copy("merged", edit_manifest(lambda m: m.update(mode="swap")))),
+            ("mode swap needs the extension table embdeploy_ext_embed",)),
+    CliCase("validate-roles-edited", validate_of(export_copy("swap", edit_manifest(
+        lambda m: m["input_roles"].update(bogus_mask="attention_mask")))),
+            ("input_roles names bogus_mask, which the graph does not take",)),
+    CliCase("validate-dtype-edited", validate_of(export_copy("merged", edit_manifest(lambda m: m.update(dtype="float16")))),
+            ("dtype float16 needs a float16 table",)),
+    CliCase("validate-hidden-edited", validate_of(export_copy("merged", edit_manifest(lambda m: m.update(H=64)))),
+            ("H=64", "and the graph has none")),
+    CliCase("validate-field-missing", validate_of(export_copy("merged", edit_manifest(lambda m: m.pop("base_model")))),
+            ("is inconsistent", "base_model is missing")),
+    CliCase("validate-field-mistyped", validate_of(export_copy("merged", edit_manifest(
+        lambda m: m.update(tokens="troponin", model_file=None)))),
+            ("model_file is null, expected a string", "tokens is a string, expected a list")),
+    CliCase("ext-json-no-fingerprint", ext_without_fingerprint,
+            ("extension_fingerprint is missing; without it the rows cannot be checked",)),
 ]
 
 

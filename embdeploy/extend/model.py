@@ -386,7 +386,18 @@ def read_manifest(directory) -> dict:
             problems.append(f"{k} is {m.get(k)!r}, expected a non-negative integer")
     toks = m.get("tokens")
     if not isinstance(toks, list):
-        problems.append("tokens is missing")
+        problems.append("tokens is missing" if toks is None else f"tokens is a {type(toks).__name__}, expected a list")
+    elif any(not isinstance(t, dict) or not isinstance(t.get("token"), str) for t in toks):
+        problems.append("tokens must be a list of objects with a string token and an integer id")
+    for name in ("base_model", "base_fingerprint"):
+        if not isinstance(m.get(name), dict):
+            problems.append(f"{name} is missing" if name not in m else f"{name} is not an object")
+    if not isinstance(m.get("groups"), list):
+        problems.append("groups is missing" if "groups" not in m else "groups is not a list")
+    fp = m.get("extension_fingerprint")
+    if not (isinstance(fp, str) and fp.startswith("sha256:")):
+        problems.append("extension_fingerprint is missing; without it the rows cannot be checked against the "
+                        "manifest (re-save the extension with `embdeploy extend`/`train`)")
     raise_all(problems, f"{mf} is inconsistent:")
     if len(toks) != m["K"]:
         problems.append(f"K is {m['K']} but {len(toks)} tokens are listed")
@@ -475,7 +486,7 @@ def load_extension(directory, model=None, tokenizer=None) -> Extension:
         ext.groups.append(Group(g["name"], names, g["first_id"], g.get("init", {}), g.get("notes", [])))
         ext._add_tables(g["name"], tensors[f"embed.{g['name']}"], tensors.get(f"head.{g['name']}"))
     ext.training_records = list(m.get("training", []))
-    if m.get("extension_fingerprint") and ext.extension_fingerprint() != m["extension_fingerprint"]:
+    if ext.extension_fingerprint() != m["extension_fingerprint"]:
         raise EmbdeployError(
             f"the rows in {d / WEIGHTS} do not match the extension_fingerprint in {d / MANIFEST} (changed after "
             "it was saved, or the two files come from different revisions); re-create the extension, or save "

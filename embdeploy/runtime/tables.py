@@ -80,7 +80,7 @@ def read_extension(ext_dir, export: dict, np_dtype) -> ExtensionTables:
 
     embed, head = _read_rows(d / WEIGHTS, m, untied_export)
     fingerprint = extension_fingerprint(embed, head if m.get("head") == "untied" else None)
-    if m.get("extension_fingerprint") and fingerprint != m["extension_fingerprint"]:
+    if fingerprint != m["extension_fingerprint"]:  # read_manifest requires it
         raise EmbdeployError(
             f"the rows in {d / WEIGHTS} do not match the extension_fingerprint in {d / 'extension.json'} "
             "(the files come from different revisions); save the extension again with `embdeploy extend`/`train`"
