@@ -43,3 +43,32 @@ def _torch():
     import torch
 
     return torch
+
+
+# Text the normalizer, pre-tokenizer and model are run on for the tokenizer fingerprint: case, accents
+# (composed and decomposed), compatibility forms, punctuation, digits, spacing, CJK, emoji.
+_TOKENIZER_PROBE = ("Hello, Wörld! Ünïcödé café cafe\u0301 naïve ﬁnal ½ 12345 3.14 don't — "
+                    "tab\there  two  spaces UPPER lower MiXeD 日本語 😀 #tag user@example.com")
+
+
+def tokenizer_fingerprint(tokenizer, n_base: int) -> str:
+    """sha256 of what a tokenizer's base part does: its ids below `n_base`, and its normalizer,
+    pre-tokenizer and model on a fixed probe text.
+
+    Behaviour, not file bytes: two saves of one tokenizer (by transformers 4 or 5) agree, while a base
+    id moved, a vocabulary swapped or a normalizer changed gives another fingerprint. Tokens added on
+    top (ids >= n_base: embdeploy's new tokens and padding placeholders) do not count.
+    """
+    backend = tokenizer.backend_tokenizer
+    vocab = sorted((t, i) for t, i in tokenizer.get_vocab().items() if i < n_base)
+    h = hashlib.sha256()
+    h.update(f"n_base={n_base};".encode())
+    for t, i in vocab:
+        h.update(f"{i}\t{t}\n".encode("utf-8", "surrogatepass"))
+    text = backend.normalizer.normalize_str(_TOKENIZER_PROBE) if backend.normalizer is not None else _TOKENIZER_PROBE
+    pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, (0, 0))]
+    h.update(text.encode("utf-8", "surrogatepass"))
+    for piece, offsets in pieces:
+        ids = [t.id for t in backend.model.tokenize(piece)]
+        h.update(f"|{piece}|{offsets}|{ids}".encode("utf-8", "surrogatepass"))
+    return "sha256:" + h.hexdigest()

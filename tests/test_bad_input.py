@@ -439,6 +439,28 @@ def ext_without_fingerprint(w: World, d: Path):
     return ["export", ext, "--out", d / "out"]
 
 
+
+def ext_tokenizer_ids_swapped(w: World, d: Path):
+    """Two base ids swapped in the extension's tokenizer.json: every digest and id check of the new tokens passes."""
+    ext = copy(w.ext_a, d, "ext")
+    doc = json.loads((ext / "tokenizer.json").read_text())
+    vocab = doc["model"]["vocab"]
+    a, b = list(vocab)[10], list(vocab)[11]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (ext / "tokenizer.json").write_text(json.dumps(doc))
+    return ["export", ext, "--out", d / "out"]
+
+
+def ext_tokenizer_extra_token(w: World, d: Path):
+    ext = copy(w.ext_a, d, "ext")
+    doc = json.loads((ext / "tokenizer.json").read_text())
+    top = max(t["id"] for t in doc["added_tokens"])
+    doc["added_tokens"].append({"id": top + 1, "content": "sneaky", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": True, "special": False})
+    (ext / "tokenizer.json").write_text(json.dumps(doc))
+    return ["export", ext, "--out", d / "out"]
+
+
 @dataclass
 class CliCase:
     id: str
@@ -579,6 +601,10 @@ CLI_CASES = [
     CliCase("validate-field-mistyped", validate_of(export_copy("merged", edit_manifest(
         lambda m: m.update(tokens="troponin", model_file=None)))),
             ("model_file is null, expected a string", "tokens is a string, expected a list")),
+    CliCase("ext-tokenizer-ids-swapped", ext_tokenizer_ids_swapped,
+            ("the extended tokenizer's base part is not the base tokenizer",)),
+    CliCase("ext-tokenizer-extra-token", ext_tokenizer_extra_token,
+            ("tokens were added or removed outside embdeploy",)),
     CliCase("ext-json-no-fingerprint", ext_without_fingerprint,
             ("extension_fingerprint is missing; without it the rows cannot be checked",)),
 ]
@@ -845,6 +871,25 @@ def _ext_with_table(world, d: Path, rows: np.ndarray, H: int | None = None) -> P
     if H is not None:
         edit_json(ext / "extension.json", H=H)
     return ext
+
+
+def test_session_refuses_a_tokenizer_edited_with_its_digest(world, tmp_path):
+    """Two base ids swapped in an export's tokenizer.json and its sha256 rewritten to match: the digests pass,
+    the base tokenizer's fingerprint does not."""
+    from embdeploy.fingerprint import file_digest
+    from embdeploy.runtime import Session
+
+    exp = copy(world.merged, tmp_path)
+    doc = json.loads((exp / "tokenizer.json").read_text())
+    vocab = doc["model"]["vocab"]
+    a, b = list(vocab)[10], list(vocab)[11]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (exp / "tokenizer.json").write_text(json.dumps(doc))
+    m = json.loads((exp / "embdeploy.json").read_text())
+    m["files"]["tokenizer.json"] = file_digest(exp / "tokenizer.json")
+    (exp / "embdeploy.json").write_text(json.dumps(m))
+    with pytest.raises(EmbdeployError, match="its base part is not the base tokenizer recorded at export"):
+        Session(exp, providers="cpu")
 
 
 def test_swap_table_of_another_hidden_size_is_refused(world, tmp_path):

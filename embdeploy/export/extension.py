@@ -225,6 +225,7 @@ def _manifest(ext, mode, dtype, tmp: Path, base_path: Path, extension_dir, roles
         "base_model": info.to_json(),
         "head": ext.head_mode,
         "tokens": [{"token": t, "id": i} for t, i in ext.token_ids.items()],
+        "base_tokenizer": ext.base_tokenizer_record(),
         "pooling": info.pooling if _task(ext) == "feature-extraction" else None,
         "files": digests(tmp),
         "validation": None,

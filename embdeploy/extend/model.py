@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import EmbdeployError, FingerprintMismatch, raise_all
-from ..fingerprint import table_fingerprint
+from ..fingerprint import table_fingerprint, tokenizer_fingerprint
 from ..fsutil import atomic_output_dir
 from ..models import BaseInfo, load_base, load_tokenizer, refuse_remote_code, save_tokenizer
 from .config import ExtensionConfig
@@ -297,8 +297,14 @@ class Extension:
                 for g in self.groups
             ],
             "tokens": [{"token": t, "id": i, "group": g.name} for g in self.groups for t, i in zip(g.tokens, g.ids)],
+            "base_tokenizer": self.base_tokenizer_record(),
             "training": self.training_records,
         }
+
+    def base_tokenizer_record(self) -> dict:
+        """What proves the extended tokenizer's base part is the base tokenizer (checked at every load)."""
+        n = len(self.base_tokenizer)
+        return {"size": n, "fingerprint": tokenizer_fingerprint(self.base_tokenizer, n)}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"embed.{n}": p.detach().cpu().contiguous() for n, p in self.embed_tables.items()}
@@ -497,5 +503,29 @@ def load_extension(directory, model=None, tokenizer=None) -> Extension:
         got = tok.convert_tokens_to_ids(t["token"])
         if got != t["id"]:
             problems.append(f"token {t['token']!r}: the saved tokenizer gives id {got}, the manifest says {t['id']}")
+    if len(tok) != m["V"] + m["K"]:
+        problems.append(f"the tokenizer has {len(tok)} tokens, V+K = {m['V'] + m['K']}: tokens were added or removed "
+                        "outside embdeploy (every stage refuses that)")
+    problems += tokenizer_problems(tok, base_tok, m.get("base_tokenizer"), d)
     raise_all(problems[:10], f"the tokenizer in {d} does not match {MANIFEST}:")
     return ext
+
+
+def tokenizer_problems(tok, base_tok, record: dict | None, d: Path) -> list[str]:
+    """The extended tokenizer's base part, and the saved original tokenizer, against the fingerprint recorded at extend.
+
+    Extensions written before the record existed are checked against their own base_tokenizer/ directory.
+    """
+    n = record.get("size") if isinstance(record, dict) else None
+    n = n if isinstance(n, int) and n > 0 else len(base_tok)
+    want = record.get("fingerprint") if isinstance(record, dict) else None
+    saved = tokenizer_fingerprint(base_tok, n)
+    problems = []
+    if want is not None and saved != want:
+        problems.append(f"the original tokenizer in {d / BASE_TOKENIZER} is not the one recorded at extend "
+                        "(its vocabulary or normalization changed); re-create the extension")
+    if tokenizer_fingerprint(tok, n) != (want or saved):
+        problems.append("the extended tokenizer's base part is not the base tokenizer (a base id moved, a token "
+                        "was renamed, or its normalizer or pre-tokenizer changed), so the deployed model would map "
+                        "words to the wrong rows; re-create the extension with `embdeploy extend`")
+    return problems

@@ -461,7 +461,7 @@ class Session:
         meta = ex.meta
         if extension is None:  # the rows the export was written with
             tokens = tuple(t["token"] for t in meta.get("tokens", []))
-            tokenizer = _load_tokenizer(ex.path, ex.V, tokens)
+            tokenizer = _load_tokenizer(ex.path, ex.V, tokens, meta.get("base_tokenizer"))
             return _Tenant(rt.sess, tokenizer, threading.Lock(), meta["K"], tokens, meta.get("extension_fingerprint"),
                            "export", {}, {})
         if ex.mode != "swap":
@@ -475,7 +475,7 @@ class Session:
         from .tables import read_extension
 
         tables = read_extension(extension, meta, _NP_DTYPES[ex.dtype])
-        tokenizer = _load_tokenizer(Path(extension), ex.V, tables.tokens)
+        tokenizer = _load_tokenizer(Path(extension), ex.V, tables.tokens, meta.get("base_tokenizer"))
         feeds = {ex.ext_embed: tables.embed}
         if ex.ext_head:
             feeds[ex.ext_head] = tables.head
@@ -760,7 +760,7 @@ def _merge(parts, names: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def _load_tokenizer(directory: Path, V: int, tokens: tuple[str, ...]):
+def _load_tokenizer(directory: Path, V: int, tokens: tuple[str, ...], record: dict | None = None):
     """The extended tokenizer in `directory`; its new tokens must have ids V, V+1, ... in order.
 
     None when the directory holds no tokenizer (base exports): such a session runs ids only.
@@ -784,5 +784,11 @@ def _load_tokenizer(directory: Path, V: int, tokens: tuple[str, ...]):
             problems.append(f"token {t!r} has id {got}, the manifest says {V + i}")
     if len(tok) > V + len(tokens):
         problems.append(f"the tokenizer has {len(tok)} tokens, more than V+K = {V + len(tokens)} rows")
+    if isinstance(record, dict) and isinstance(record.get("size"), int):
+        from ..fingerprint import tokenizer_fingerprint
+
+        if tokenizer_fingerprint(tok, record["size"]) != record.get("fingerprint"):
+            problems.append("its base part is not the base tokenizer recorded at export (a base id moved, or its "
+                            "normalizer or pre-tokenizer changed): words would reach the wrong rows")
     raise_all(problems[:10], f"the tokenizer in {directory} does not match the extension's rows:")
     return tok
