@@ -41,7 +41,7 @@ def render_table(result: BenchResult):
     for col, justify in [("provider", "left"), ("shape", "left"), ("variant", "left"), ("ids", "left"),
                          ("p50 ms", "right"), ("p90 ms", "right"), ("p99 ms", "right"), ("seq/s", "right"),
                          ("ratio to base", "right")]:
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, overflow="fold")  # a narrow log folds a number, never cuts it
     previous = None
     for r in _sorted_rows(result):
         if previous is not None and (r.provider, r.shape) != previous:
@@ -63,7 +63,7 @@ def render_texts_table(result: BenchResult):
               caption="fidelity: cosine per text, extended output vs the base on the original tokenization")
     for col in ("variant", "tokens/text base", "tokens/text ext", "fewer tokens", "fidelity mean", "fidelity min",
                 "output compared"):
-        t.add_column(col, justify="left" if col in ("variant", "output compared") else "right")
+        t.add_column(col, justify="left" if col in ("variant", "output compared") else "right", overflow="fold")
     for r in result.texts:
         t.add_row(r.variant, f"{r.base_tokens_mean:.2f}", f"{r.tokens_mean:.2f}", f"{r.token_reduction:.1%}",
                   f"{r.fidelity_mean:.4f}", f"{r.fidelity_min:.4f}", r.fidelity_output)
