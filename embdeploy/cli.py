@@ -332,6 +332,10 @@ class DType(str, Enum):
     fp16 = "fp16"
 
 
+class Quantize(str, Enum):
+    int8 = "int8"
+
+
 class Backend(str, Enum):
     torch = "torch"
     optimum = "optimum"
@@ -355,6 +359,7 @@ def export(
     base_onnx: Optional[Path] = typer.Option(None, help="Use this ONNX file/dir (e.g. from optimum-cli) as the base instead of exporting one."),
     backend: Optional[Backend] = typer.Option(None, help="Base exporter: torch (torch.onnx dynamo) [default] or optimum (needs optimum-onnx)."),
     dtype: Optional[DType] = typer.Option(None, help="fp32 [default], or fp16 (for the CUDA provider)."),
+    quantize: Optional[Quantize] = typer.Option(None, help="int8: ONNX Runtime dynamic quantization of the MatMul weights (per channel) for the CPU; the embedding tables and LM head stay float, validated by cosine to PyTorch fp32."),
     provider: Optional[str] = typer.Option(None, help="Provider used for validation: cpu [default] or cuda."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the validation gate (the manifest then records validation: null)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Base export cache [default: $EMBDEPLOY_CACHE or ~/.cache/embdeploy]."),
@@ -370,7 +375,7 @@ def export(
 
         args.update(load_recipe(recipe))
     given = {"mode": mode and mode.value, "dtype": dtype and dtype.value, "backend": backend and backend.value,
-             "provider": provider, "base_onnx": base_onnx, "out": out_dir}
+             "provider": provider, "base_onnx": base_onnx, "out": out_dir, "quantize": quantize and quantize.value}
     args.update({k: v for k, v in given.items() if v is not None})
     if no_validate:
         args["validate"] = False
@@ -384,7 +389,7 @@ def export(
         out.print(res.report.table() if verbose else _validation_summary(res.report))
     t = res.timings
     out.print(
-        f"[green]wrote[/] {res.out} ({res.mode}, {res.dtype}); base {'from cache' if res.base_cached else 'exported'}, "
+        f"[green]wrote[/] {res.out} ({res.mode}, {res.dtype}{', int8 weights' if args.get('quantize') else ''}); base {'from cache' if res.base_cached else 'exported'}, "
         f"rewrite {t.get('rewrite', 0):.2f}s, total {t.get('total', 0):.1f}s"
         + ("" if res.report is None else f"; validation passed, max abs diff {res.report.max_abs_diff:.2e}")
     )

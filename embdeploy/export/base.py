@@ -163,6 +163,7 @@ def export_base(
     out=None,
     overwrite: bool = False,
     progress=None,
+    quantize: str | None = None,
 ) -> Path:
     """Export the base model of `ext_or_model` (an Extension, or a plain transformers model) once.
 
@@ -183,12 +184,28 @@ def export_base(
         try:
             base = _Base(ext_or_model, plain, task, pooling)
             by = "" if backend == "torch" else f"-{backend}"  # one entry per exporter: switching does not evict
-            entry = cache_root(cache_dir) / "base" / f"{base.embed_fp.split(':')[-1][:16]}-{base.task}-{dtype}{by}"
+            q = f"-{quantize}" if quantize else ""
+            entry = cache_root(cache_dir) / "base" / f"{base.embed_fp.split(':')[-1][:16]}-{base.task}-{dtype}{by}{q}"
             source = base.source(dtype, backend)
+            if quantize:
+                from .quantize import scheme
+
+                if dtype != "fp32":
+                    raise EmbdeployError("--quantize int8 starts from the float32 base; drop --dtype fp16")
+                source["quantize"] = scheme(quantize)
             if _cache_hit(entry, source):
                 say(f"base export found in the cache: {entry}")
             else:
-                if dtype == "fp16":
+                if quantize:
+                    from ..onnx.io import load_model
+                    from .quantize import quantize_proto
+
+                    fp32_dir = export_base(plain, base.task, base.pooling, "fp32", backend, cache_dir, progress=progress)
+                    say(f"quantizing the base export ({quantize}, onnxruntime dynamic, per-channel MatMul weights)")
+                    head = plain.get_output_embeddings() if hasattr(plain, "get_output_embeddings") else None
+                    proto = quantize_proto(load_model(fp32_dir), base.model.get_input_embeddings().weight.detach().numpy(),
+                                           head.weight.detach().numpy() if head is not None else None)
+                elif dtype == "fp16":
                     fp32_dir = export_base(plain, base.task, base.pooling, "fp32", backend, cache_dir, progress=progress)
                     say("casting the base export to float16")
                     proto = _fp16_from(fp32_dir)
@@ -453,6 +470,7 @@ def _write_base(entry: Path, proto, base: _Base, source: dict) -> None:
             "head": base.head_mode,
             "tokens": [],
             "pooling": base.pooling,
+            "quantization": source.get("quantize"),
             "source": source,
             "files": digests(tmp),
             "validation": None,

@@ -62,6 +62,7 @@ def export_extension(
     progress=None,
     backend: str = "torch",
     provider: str = "cpu",
+    quantize: str | None = None,
 ) -> ExportResult:
     """Export `ext` (an Extension or an extension directory) to ONNX directory `out` in `mode`.
 
@@ -89,6 +90,16 @@ def export_extension(
         problems.append(str(e))
     if provider not in PROVIDERS:
         problems.append(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if quantize is not None:
+        from .quantize import QUANTIZE
+
+        if quantize not in QUANTIZE:
+            problems.append(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+        if dtype == "fp16":
+            problems.append("--quantize int8 starts from the float32 base; drop --dtype fp16")
+        if provider != "cpu":
+            problems.append("int8 exports run ONNX Runtime's dynamic quantization kernels on the CPU provider; "
+                            "validate them with --provider cpu")
     if problems:
         raise EmbdeployError("; ".join(problems))
     out = Path(out)
@@ -110,7 +121,8 @@ def export_extension(
         base_cached = True
     else:
         exports_before = base_export.EXPORT_COUNT
-        base_path = base_export.export_base(ext, dtype=dtype, backend=backend, cache_dir=cache_dir, progress=say)
+        base_path = base_export.export_base(ext, dtype=dtype, backend=backend, cache_dir=cache_dir, progress=say,
+                                            quantize=quantize)
         base_manifest = read_manifest(base_path)
         base_cached = base_export.EXPORT_COUNT == exports_before
     timings["base"] = time.perf_counter() - t
@@ -119,6 +131,14 @@ def export_extension(
     t = time.perf_counter()
     proto = load_model(base_path)
     base_table = ext.base_table().detach().cpu().numpy()
+    if quantize and base_onnx is not None and not (base_manifest or {}).get("quantization"):
+        from .quantize import quantize_proto
+
+        say(f"quantizing the given base ({quantize})")  # a user's file is quantized here, not cached
+        proto = quantize_proto(proto, base_table, ext.base_head_table().detach().cpu().numpy()
+                               if ext.head_mode == "untied" else None)
+    if not quantize and (base_manifest or {}).get("quantization"):
+        raise EmbdeployError(f"--base-onnx {base_onnx} is an int8 base; pass --quantize int8, or the float32 base")
     emb = rw.find_embedding(proto, base_table)
     if emb.dtype.name == "float16" and dtype == "fp32":
         raise EmbdeployError(
@@ -151,6 +171,10 @@ def export_extension(
         config.vocab_size = ext.V + ext.K
         config.save_pretrained(str(tmp))
         manifest = _manifest(ext, mode, dtype, tmp, base_path, extension_dir, roles, cache)
+        if quantize:
+            from .quantize import scheme
+
+            manifest["quantization"] = scheme(quantize)
         write_manifest(tmp, manifest)
         timings["write"] = time.perf_counter() - t
         if validate:

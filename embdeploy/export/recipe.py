@@ -4,7 +4,7 @@
      "mode": "swap", "dtype": "fp32", "backend": "torch", "provider": "cpu", "validate": true}
 
 `load_recipe` returns only the export arguments (mode, dtype, backend,
-provider, validate, base_onnx, out), ready for `export_extension(ext, **args)`;
+provider, quantize, validate, base_onnx, out), ready for `export_extension(ext, **args)`;
 a relative `base_onnx` is resolved against the recipe's folder (it ships with
 the recipe), a relative `out` against the working directory (like --out). Unknown keys
 and bad values are refused, all listed at once.
@@ -21,7 +21,8 @@ from .extension import EXPORT_MODES
 from .validate import PROVIDERS
 
 RECIPE_VERSION = 1
-_CHOICES = {"mode": EXPORT_MODES, "dtype": ("fp32", "fp16"), "backend": BACKENDS, "provider": tuple(PROVIDERS)}
+_CHOICES = {"mode": EXPORT_MODES, "dtype": ("fp32", "fp16"), "backend": BACKENDS, "provider": tuple(PROVIDERS),
+            "quantize": ("int8",)}
 _META = ("recipe_version", "name", "description")
 _ARGS = (*_CHOICES, "validate", "base_onnx", "out")
 
