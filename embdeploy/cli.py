@@ -43,6 +43,20 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _version(value: bool):
+    if value:
+        from . import __version__
+
+        print(f"embdeploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_version,
+                                       is_eager=True)):
+    """Give a pretrained transformers model new tokens in a separate extension table (base rows never change), train only the new rows, export to ONNX Runtime, prove it matches PyTorch, and measure what it costs."""
+
+
 def _command(fn):
     """Turn library errors into a one-line message and a non-zero exit, no traceback.
 
@@ -294,9 +308,6 @@ def train(
     if rank != 0:
         return  # every rank holds the same rows; only rank 0 writes
     ext.save(target, overwrite=True if out_dir is None else overwrite, inputs=inputs)
-    if rec.tokens_without_context:
-        out.print(f"[yellow]{len(rec.tokens_without_context)} token(s) had no context in the texts and trained on "
-                  f"synthetic contexts:[/] {', '.join(rec.tokens_without_context[:10])}")
     out.print(f"[green]wrote[/] {target}: {rec.objective}, {rec.steps} steps on {rec.device}, loss {rec.first_loss:.4g} → "
               f"{rec.final_loss:.4g}, {rec.time_s:.0f}s ({rec.tokens_per_s:.0f} tokens/s); base rows verified unchanged")
 

@@ -57,7 +57,7 @@ def describe(path) -> dict:
     rows.append(("tokens", shown))
     if m.get("training"):
         last = m["training"][-1]
-        rows.append(("training", f"{len(m['training'])} run(s); last: {last.get('objective')} {last.get('steps')} steps, loss {last.get('final_loss')}"))
+        rows.append(("training", f"{len(m['training'])} run(s); last: {last.get('objective')} {last.get('steps')} steps, loss {_loss(last.get('final_loss'))}"))
     if "validation" in m and isinstance(m["validation"], dict):
         rows.append(("validation", "passed" if m["validation"].get("passed") else "FAILED"))
     files = sorted(f for f in p.rglob("*") if f.is_file())
@@ -65,3 +65,7 @@ def describe(path) -> dict:
     for k, v in rows:
         t.add_row(k, v)
     return {"manifest": m, "table": t, "kind": kind}
+
+
+def _loss(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)

@@ -118,3 +118,15 @@ def test_every_help_shows_the_defaults_its_options_state():
                 assert " ".join(stated.split()) in shown, f"{name} --help hides {stated!r} of {p.name}"
                 checked += 1
     assert checked >= 15
+
+
+def test_version_and_inspect_loss_format():
+    from typer.testing import CliRunner
+
+    from embdeploy import __version__
+    from embdeploy.cli import app
+    from embdeploy.inspect import _loss
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"embdeploy {__version__}"
+    assert _loss(0.03428879790008068) == "0.03429" and _loss(None) == "None"

@@ -62,4 +62,6 @@ def test_readme_console_commands_run_as_written(tmp_path):
         cmd = cmd.split("   #", 1)[0]
         p = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
         assert p.returncode == 0, f"{cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+        if cmd.startswith(("embdeploy export", "embdeploy train")):  # each says what it wrote once (issue 17)
+            assert (p.stdout + p.stderr).count("wrote ") == 1, p.stdout + p.stderr
     assert (tmp_path / "bench.png").is_file() and (tmp_path / "baseline.json").is_file()

@@ -46,38 +46,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(exports, tmp_path_factory):
+def start_server(onnx_dir, log, **options):
+    """`serve(onnx_dir, **options)` in a subprocess on a free loopback port, once /healthz answers: (proc, port)."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server-log") / "server.log"
-    code = (
-        "from embdeploy.runtime.serve import serve; "
-        f"serve({str(exports.swap)!r}, host={HOST!r}, port={port}, providers='cpu', "
-        f"max_batch={MAX_BATCH}, max_chars={MAX_CHARS}, log_level='warning')"
-    )
+    args = "".join(f", {k}={v!r}" for k, v in options.items())
+    code = (f"from embdeploy.runtime.serve import serve; "
+            f"serve({str(onnx_dir)!r}, host={HOST!r}, port={port}, providers='cpu'{args})")
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if call(port, "GET", "/healthz")[0] == 200:
+                return proc, port
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            pytest.fail(f"the server did not come up in 90s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if call(port, "GET", "/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not come up in 90s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(exports, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server-log") / "server.log"
+    proc, port = start_server(exports.swap, log, max_batch=MAX_BATCH, max_chars=MAX_CHARS, log_level="warning")
+    try:
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_server(proc)
 
 
 def call(port_or_conn, method: str, path: str, body=None, headers=None):

@@ -185,7 +185,6 @@ def export_extension(
             manifest["validation"] = report.to_json()
             write_manifest(tmp, manifest)
     timings["total"] = time.perf_counter() - t_start
-    say(f"wrote {out}")
     return ExportResult(out, mode, dtype_name(dtype), base_path, base_cached, manifest, report, timings)
 
 
