@@ -187,14 +187,34 @@ def test_suggest_settings_and_inputs_are_checked(tokenizers, tmp_path):
         suggest([tmp_path / "missing.txt"], tokenizers["wordpiece"])
 
 
-def test_suggest_refuses_a_slow_tokenizer(tmp_path, minilm_dir):
-    import transformers
+def test_suggest_refuses_a_slow_tokenizer(tmp_path):
+    """A Python (slow) tokenizer has no normalizer or pre-tokenizer to ask: refused with the fix."""
+    from transformers import PreTrainedTokenizer
 
-    slow_cls = getattr(transformers, "BertTokenizer", None)
-    slow = slow_cls(str(minilm_dir / "vocab.txt")) if slow_cls is not None else None
-    if slow is None or getattr(slow, "is_fast", True):
-        pytest.skip("this transformers version has no slow BERT tokenizer")
-    with pytest.raises(EmbdeployError, match="needs a fast tokenizer"):
+    class Slow(PreTrainedTokenizer):  # a minimal whitespace tokenizer in pure Python
+        def __init__(self, **kw):
+            self._v = {"[UNK]": 0, "troponin": 1}
+            super().__init__(unk_token="[UNK]", **kw)
+
+        @property
+        def vocab_size(self):
+            return len(self._v)
+
+        def get_vocab(self):
+            return dict(self._v)
+
+        def _tokenize(self, text, **kw):
+            return text.split()
+
+        def _convert_token_to_id(self, token):
+            return self._v.get(token, 0)
+
+        def _convert_id_to_token(self, index):
+            return {i: t for t, i in self._v.items()}.get(index, "[UNK]")
+
+    slow = Slow()
+    assert not slow.is_fast
+    with pytest.raises(EmbdeployError, match="suggest needs a fast tokenizer"):
         suggest([write(tmp_path / "c.txt", ["troponin"] * 5)], slow)
 
 
