@@ -161,8 +161,11 @@ BAD = [
     ("POST", "/v1/encode", {"texts": ["a"] * (MAX_BATCH + 1)}, 413, f"texts has {MAX_BATCH + 1} texts, the limit is {MAX_BATCH}"),
     ("POST", "/v1/encode", {"texts": ["a" * (MAX_CHARS + 1)]}, 413, f"texts[0] has {MAX_CHARS + 1} characters, the limit is {MAX_CHARS}"),
     ("POST", "/v1/embeddings", {"input": 5}, 422, "input must be a list of strings, got a JSON number"),
-    ("POST", "/v1/embeddings", {"input": ["a"], "encoding_format": "base64"}, 422, 'encoding_format must be "float"'),
-    ("POST", "/v1/embeddings", {"input": ["a"], "dimensions": 8}, 422, "unknown field(s) 'dimensions'"),
+    ("POST", "/v1/embeddings", {"input": ["a"], "encoding_format": "int8"}, 422, 'encoding_format must be "float" or "base64"'),
+    ("POST", "/v1/embeddings", {"input": ["a"], "dimensions": 8}, 400, "dimensions is not supported"),
+    ("POST", "/v1/embeddings", {"input": [101, 2000]}, 422, "input holds token ids"),
+    ("POST", "/v1/embeddings", {"input": [[101, 2000]]}, 422, "input holds token ids"),
+    ("POST", "/v1/embeddings", {"input": ["a"], "user": 7}, 422, "user must be a string"),
     ("GET", "/v1/encode", None, 405, "GET is not allowed on /v1/encode"),
     ("GET", "/v2/nothing", None, 404, "no route /v2/nothing; routes: GET /healthz"),
 ]

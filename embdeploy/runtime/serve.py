@@ -4,7 +4,8 @@
     GET  /v1/metadata    mode, V, K, H, outputs, tokens, fingerprints (Session.metadata)
     POST /v1/encode      {"texts": [...], "output": optional name, "max_length": optional int}
                          -> {"output", "shape", "data", "attention_mask", "K", "extension_fingerprint"}
-    POST /v1/embeddings  OpenAI-style: {"input": str | [str], "model": optional, "encoding_format": "float"}
+    POST /v1/embeddings  OpenAI-style: {"input": str | [str], "model", "user": optional,
+                         "encoding_format": "float" | "base64" (little-endian float32, the official client's default)}
                          -> {"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "usage"}
 
 Every request is checked before it reaches the model; a bad one gets a 4xx
@@ -29,12 +30,15 @@ request per `Session.encode` call, so a response is exactly what
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import json
 import logging
 import socket
 
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import EmbdeployError
 from .session import Session
@@ -46,7 +50,7 @@ MAX_CHARS = 20_000  # per text; tokens past the model's max_length are truncated
 MAX_VALUES = 8_000_000  # numbers in one response (~150 MB of JSON)
 _JSON_BYTES_PER_CHAR = 12  # a non-BMP character written as two \uXXXX escapes
 ENCODE_FIELDS = ("texts", "output", "max_length")
-EMBEDDINGS_FIELDS = ("input", "model", "encoding_format")
+EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "user", "dimensions")
 HEADER_TIMEOUT = 10.0  # seconds for a request's headers to arrive
 BODY_TIMEOUT = 30.0  # seconds for its body
 KEEP_ALIVE = 5.0  # seconds an idle keep-alive connection stays open
@@ -246,18 +250,31 @@ def create_app(
         if "input" not in data:
             raise RequestError(422, 'the field "input" is missing; send {"input": ["some text", ...]}')
         raw = data["input"]
+        if isinstance(raw, list) and raw and all(isinstance(x, int) and not isinstance(x, bool) for x in raw) or (
+                isinstance(raw, list) and raw and all(isinstance(x, list) for x in raw)):
+            raise RequestError(422, "input holds token ids; this server tokenizes text itself, with the tokenizer that "
+                                    "knows the new tokens (ids from another tokenizer would reach the wrong rows): "
+                                    "send the text, a string or a list of strings")
         texts = check_texts([raw] if isinstance(raw, str) else raw, "input")
         fmt = data.get("encoding_format", "float")
-        if fmt != "float":
-            raise RequestError(422, f'encoding_format must be "float", got {json.dumps(fmt)}')
+        if fmt not in ("float", "base64"):
+            raise RequestError(422, f'encoding_format must be "float" or "base64", got {json.dumps(fmt)}')
+        if "dimensions" in data:
+            raise RequestError(400, f"dimensions is not supported: this model's embeddings have {session.H} dimensions "
+                                    "and it was not trained to be truncated; leave dimensions out")
+        for name in ("model", "user"):
+            if data.get(name) is not None and not isinstance(data[name], str):
+                raise RequestError(422, f"{name} must be a string, got a JSON {_json_type(data[name])}")
         model = data.get("model")
-        if model is not None and not isinstance(model, str):
-            raise RequestError(422, f"model must be a string, got a JSON {_json_type(model)}")
         result, values, _ = await encode_with(texts, "sentence_embedding", None)
         tokens = int(result["attention_mask"].sum())
+        if fmt == "base64":  # little-endian float32 bytes, as the official client decodes them
+            rows = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii") for v in values]
+        else:
+            rows = values.tolist()
         return reply({
             "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(values.tolist())],
+            "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
             "model": model or session.path.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
