@@ -258,3 +258,36 @@ def test_a_crash_inside_the_model_is_a_500_and_the_service_keeps_serving(session
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def test_tei_routes_answer_as_tei_does(server, session):
+    """POST /embed (and /) with TEI's fields, GET /info, GET /health: what a TEI client sends and reads."""
+    want = session.encode(TEXTS[:2])["sentence_embedding"].astype(np.float64)
+    unit = want / np.linalg.norm(want, axis=1, keepdims=True)
+    for path in ("/embed", "/"):
+        status, got = call(server, "POST", path, {"inputs": TEXTS[:2]})  # normalize defaults to true, as in TEI
+        assert status == 200 and len(got) == 2
+        np.testing.assert_allclose(np.asarray(got), unit, rtol=1e-6, atol=1e-6)
+    status, got = call(server, "POST", "/embed", {"inputs": TEXTS[0], "normalize": False})
+    np.testing.assert_allclose(np.asarray(got[0]), want[0], rtol=1e-6, atol=1e-6)
+    status, info = call(server, "GET", "/info")
+    assert status == 200 and info["max_input_length"] == session.max_length and info["max_client_batch_size"] == MAX_BATCH
+    assert call(server, "GET", "/health")[0] == 200
+    long_text = " ".join(["troponin"] * (session.max_length + 10))
+    status, got = call(server, "POST", "/embed", {"inputs": [long_text]})
+    assert status == 413 and 'or send "truncate": true' in got["error"]["message"]
+    status, got = call(server, "POST", "/embed", {"inputs": [long_text], "truncate": True})
+    assert status == 200 and len(got) == 1
+    status, got = call(server, "POST", "/embed", {"inputs": ["a"], "normalize": "yes"})
+    assert status == 422 and "normalize must be true or false" in got["error"]["message"]
+
+
+def test_huggingface_hub_client_talks_to_the_tei_routes(server, session, monkeypatch):
+    """huggingface_hub's InferenceClient, as a TEI user has it, pointed at embdeploy (on loopback: the hub's
+    offline switch, which blocks every URL, is lifted for this client only)."""
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    client = hub.InferenceClient(base_url=f"http://{HOST}:{server}")
+    got = np.asarray(client.feature_extraction(TEXTS[0], normalize=True))
+    want = session.encode([TEXTS[0]])["sentence_embedding"][0].astype(np.float64)
+    np.testing.assert_allclose(got.reshape(-1), want / np.linalg.norm(want), rtol=1e-6, atol=1e-6)

@@ -7,6 +7,8 @@
     POST /v1/embeddings  OpenAI-style: {"input": str | [str], "model", "user": optional,
                          "encoding_format": "float" | "base64" (little-endian float32, the official client's default)}
                          -> {"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "usage"}
+    POST /embed, POST /  text-embeddings-inference's: {"inputs": str | [str], "normalize": true, "truncate": false}
+                         -> [[floats], ...]; GET /info, GET /health as TEI answers them
 
 Every request is checked before it reaches the model; a bad one gets a 4xx
 with {"error": {"message", "type"}} saying what to change: invalid JSON (also
@@ -51,6 +53,7 @@ MAX_VALUES = 8_000_000  # numbers in one response (~150 MB of JSON)
 _JSON_BYTES_PER_CHAR = 12  # a non-BMP character written as two \uXXXX escapes
 ENCODE_FIELDS = ("texts", "output", "max_length")
 EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "user", "dimensions")
+TEI_FIELDS = ("inputs", "normalize", "truncate", "truncation_direction", "prompt_name")
 HEADER_TIMEOUT = 10.0  # seconds for a request's headers to arrive
 BODY_TIMEOUT = 30.0  # seconds for its body
 KEEP_ALIVE = 5.0  # seconds an idle keep-alive connection stays open
@@ -279,12 +282,51 @@ def create_app(
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
 
+    # ---- the routes text-embeddings-inference (TEI) clients call
+    async def tei_health(request):
+        return Response(status_code=200)
+
+    async def tei_info(request):
+        return reply({"model_id": session.path.name, "model_type": {"embedding": {"pooling": "embdeploy"}},
+                      "model_dtype": session.metadata()["dtype"], "max_input_length": session.max_length,
+                      "max_client_batch_size": max_batch, "version": f"embdeploy {_version()}",
+                      "extension": {"mode": session.mode, "K": session.K}})
+
+    async def tei_embed(request):
+        data = await read_json(request)
+        check_fields(data, TEI_FIELDS)
+        if "sentence_embedding" not in session.outputs:
+            raise RequestError(400, f"this model exports no sentence_embedding (its outputs: {', '.join(session.outputs)}); "
+                                    "use POST /v1/encode with an output name")
+        if "inputs" not in data:
+            raise RequestError(422, 'the field "inputs" is missing; send {"inputs": "some text"} or {"inputs": [...]}')
+        raw = data["inputs"]
+        texts = check_texts([raw] if isinstance(raw, str) else raw, "inputs")
+        flags = {k: data.get(k, default) for k, default in (("normalize", True), ("truncate", False))}
+        for k, v in flags.items():
+            if not isinstance(v, bool):
+                raise RequestError(422, f"{k} must be true or false, got {json.dumps(v)}")
+        limit = session.max_length
+        if not flags["truncate"] and limit is not None:
+            lengths = session.token_counts(texts)
+            long = [(i, n) for i, n in enumerate(lengths) if n > limit]
+            if long:
+                i, n = long[0]
+                raise RequestError(413, f"inputs[{i}] has {n} tokens, the model takes at most {limit}; shorten it, "
+                                        'or send "truncate": true')
+        _, values, _ = await encode_with(texts, "sentence_embedding", None)
+        values = values.astype(np.float64)
+        if flags["normalize"]:
+            values = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
+        return reply(values.astype(np.float32).tolist())
+
     async def on_request_error(request, exc: RequestError):
         return error(exc.status, exc.message, exc.kind)
 
     async def on_http_error(request, exc: HTTPException):
         if exc.status_code == 404:
-            message = f"no route {request.url.path}; routes: GET /healthz, GET /v1/metadata, POST /v1/encode, POST /v1/embeddings"
+            message = (f"no route {request.url.path}; routes: GET /healthz, GET /v1/metadata, POST /v1/encode, "
+                       "POST /v1/embeddings, POST /embed, GET /info, GET /health")
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         else:
@@ -301,11 +343,21 @@ def create_app(
             Route("/v1/metadata", metadata, methods=["GET"]),
             Route("/v1/encode", encode, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/embed", tei_embed, methods=["POST"]),
+            Route("/", tei_embed, methods=["POST"]),  # TEI serves its embed route at the root too
+            Route("/info", tei_info, methods=["GET"]),
+            Route("/health", tei_health, methods=["GET"]),
         ],
         exception_handlers={RequestError: on_request_error, HTTPException: on_http_error, Exception: on_crash},
     )
     app.state.session = session
     return app
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
 def _lone_surrogate(text: str) -> int | None:

@@ -520,6 +520,14 @@ class Session:
             )
 
     # ------------------------------------------------------------------ running
+    def token_counts(self, texts) -> list[int]:
+        """Tokens per text, special tokens included, before any truncation."""
+        texts, state = _as_texts(texts), self._state
+        if state.tokenizer is None:
+            raise EmbdeployError(f"{self.path} holds no tokenizer (a base export?), so it cannot count tokens of text")
+        with state.tok_lock:
+            return [len(r) for r in state.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+
     def tokenize(self, texts, max_length: int | None = None) -> dict[str, np.ndarray]:
         """{"input_ids", "attention_mask", "token_type_ids"} (batch, sequence) int64 for `texts`, padded."""
         return self._tokenize(self._state, _as_texts(texts), max_length)
