@@ -497,13 +497,16 @@ def serve(
     body_timeout: float = typer.Option(30.0, help="Seconds for a request's body to arrive (else 408)."),
     keep_alive: float = typer.Option(5.0, help="Seconds an idle keep-alive connection stays open."),
     max_connections: int = typer.Option(1000, help="Open connections at most; more are closed at once."),
+    api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY` (repeatable; also $EMBDEPLOY_API_KEYS, comma-separated, which keeps keys out of the process list). /health and /healthz stay open."),
 ):
     """Serve an export over HTTP: POST /v1/encode, POST /v1/embeddings, GET /healthz, GET /v1/metadata (needs the `serve` extra: pip install "embdeploy[serve]")."""
     from .runtime.serve import serve as run_server
 
+    keys = list(api_key or []) + [k.strip() for k in os.environ.get("EMBDEPLOY_API_KEYS", "").split(",") if k.strip()]
     run_server(onnx_dir, host=host, port=port, providers=providers, threads=threads,
                extension=extension, max_batch=max_batch, max_chars=max_chars, header_timeout=header_timeout,
-               body_timeout=body_timeout, keep_alive=keep_alive, max_connections=max_connections)
+               body_timeout=body_timeout, keep_alive=keep_alive, max_connections=max_connections,
+               api_keys=keys or None)
 
 
 # ------------------------------------------------------------------------------------------ quickstart

@@ -51,3 +51,40 @@ def test_refusals_reach_the_client_as_its_error_types(served):
         client.embeddings.create(input=["a"], model="clinical", dimensions=8)
     with pytest.raises(openai.UnprocessableEntityError, match="input holds token ids"):
         client.embeddings.create(input=[[101, 2000]], model="clinical")
+
+
+def test_api_keys_and_metrics(tmp_path_factory):
+    """With --api-key, the official client needs the key (401 -> AuthenticationError without it); health checks
+    stay open; GET /metrics (prometheus-client's format) counts every request by route and status."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    exports = build_exports(tmp_path_factory.mktemp("auth"), tmp_path_factory.getbasetemp() / "embdeploy-cache",
+                            masked_lm=False)
+    proc, port = start_server(exports.swap, tmp_path_factory.mktemp("log") / "server.log", log_level="warning",
+                              api_keys=["s3cret", "other"])
+    try:
+        base = f"http://127.0.0.1:{port}/v1"
+        good = openai.OpenAI(base_url=base, api_key="s3cret", max_retries=0)
+        assert len(good.embeddings.create(input=["a", "b"], model="clinical").data) == 2
+        with pytest.raises(openai.AuthenticationError, match="missing or wrong API key"):
+            openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).embeddings.create(input=["a"], model="x")
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().status == 200
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/metrics", headers={"Authorization": "Bearer other"})
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+        assert resp.status == 200
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(text) for s in fam.samples}
+        assert samples[("embdeploy_requests_total", (("route", "/v1/embeddings"), ("status", "200")))] == 1
+        assert samples[("embdeploy_requests_total", (("route", "/v1/embeddings"), ("status", "401")))] == 1
+        assert samples[("embdeploy_texts_total", ())] == 2
+        assert samples[("embdeploy_request_seconds_count", (("route", "/v1/embeddings"),))] == 1
+    finally:
+        stop_server(proc)

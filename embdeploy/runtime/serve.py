@@ -84,8 +84,14 @@ def create_app(
     batch_size: int = 32,
     max_values: int = MAX_VALUES,
     body_timeout: float = BODY_TIMEOUT,
+    api_keys=None,
 ):
-    """A Starlette (ASGI) app serving `session`; see the module docstring for the routes and limits."""
+    """A Starlette (ASGI) app serving `session`; see the module docstring for the routes and limits.
+
+    `api_keys`: when given, every route but the health checks needs `Authorization: Bearer KEY` with
+    one of them (401 otherwise). Prometheus metrics are served at GET /metrics from a registry of the
+    app's own (never the process-wide default).
+    """
     _starlette()
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -173,6 +179,7 @@ def create_app(
         return texts
 
     widths = {"sentence_embedding": 1, "pooler_output": 1}
+    app_ref: dict = {}  # the Starlette app, once built (encode_with counts texts into its metrics)
 
     def predicted_values(output: str, enc: dict) -> int:
         """Numbers the response will hold, from the tokenized batch (before the model runs)."""
@@ -205,6 +212,9 @@ def create_app(
                 413, f"the response would hold {values.size} numbers ({output} {list(values.shape)}), the limit is "
                 f"{max_values}; send fewer or shorter texts, or pass max_length"
             )
+        metrics = getattr(app_ref.get("app"), "state", None)
+        if metrics is not None and getattr(metrics, "metrics", None) is not None:
+            metrics.metrics.texts.inc(len(texts))
         return result, values, pinned
 
     async def healthz(request):
@@ -351,7 +361,89 @@ def create_app(
         exception_handlers={RequestError: on_request_error, HTTPException: on_http_error, Exception: on_crash},
     )
     app.state.session = session
-    return app
+    app_ref["app"] = app
+    metrics = _Metrics()
+    app.state.metrics = metrics
+    app.add_route("/metrics", metrics.endpoint, methods=["GET"])
+    keys = [k for k in (api_keys or []) if k]
+    if api_keys is not None and not keys:
+        raise EmbdeployError("api_keys is empty; pass at least one non-empty key, or None for no authentication")
+    return _Guard(app, keys, metrics)
+
+
+OPEN_ROUTES = ("/health", "/healthz")  # load balancers probe these without a key
+
+
+class _Metrics:
+    """Prometheus metrics (prometheus-client) of one app, in a registry of its own."""
+
+    def __init__(self):
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        except ImportError:
+            raise EmbdeployError("`embdeploy serve` needs prometheus-client for its metrics; install it with "
+                                 "`pip install 'embdeploy[serve]'`") from None
+        self.registry = CollectorRegistry()
+        self.requests = Counter("embdeploy_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.seconds = Histogram("embdeploy_request_seconds", "Request latency by route, seconds", ["route"],
+                                 registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.in_flight = Gauge("embdeploy_requests_in_flight", "Requests being handled", registry=self.registry)
+        self.texts = Counter("embdeploy_texts", "Texts encoded", registry=self.registry)
+
+    async def endpoint(self, request):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from starlette.responses import Response
+
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class _Guard:
+    """ASGI wrapper: API keys (constant-time comparison) and request metrics around the app."""
+
+    def __init__(self, app, keys: list[str], metrics: _Metrics):
+        self.app, self.keys, self.metrics = app, [k.encode() for k in keys], metrics
+        self.state = app.state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        import hmac
+        import time
+
+        path = scope.get("path", "")
+        route = path if path in _KNOWN_ROUTES else "other"  # bounded label values
+        if self.keys and path not in OPEN_ROUTES:
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            if not any(hmac.compare_digest(given, k) for k in self.keys):
+                self.metrics.requests.labels(route, "401").inc()
+                body = json.dumps({"error": {"message": "missing or wrong API key; send the header "
+                                             "Authorization: Bearer KEY", "type": "authentication_error"}}).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        status = {"code": 500}
+
+        async def send_and_count(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        t = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_and_count)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.seconds.labels(route).observe(time.perf_counter() - t)
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+
+
+_KNOWN_ROUTES = ("/healthz", "/v1/metadata", "/v1/encode", "/v1/embeddings", "/embed", "/", "/info", "/health",
+                 "/metrics")
 
 
 def _version() -> str:
@@ -483,6 +575,7 @@ def serve(
     body_timeout: float = BODY_TIMEOUT,
     keep_alive: float = KEEP_ALIVE,
     max_connections: int = MAX_CONNECTIONS,
+    api_keys=None,
 ) -> None:
     """Open a Session on `onnx_dir` and serve it with uvicorn until interrupted (Ctrl-C / SIGTERM)."""
     _starlette()
@@ -499,7 +592,7 @@ def serve(
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise EmbdeployError(f"{name} must be a positive number, got {value!r}")
     session = Session(onnx_dir, providers=providers, threads=threads, extension=extension)
-    app = create_app(session, max_batch=max_batch, max_chars=max_chars, body_timeout=body_timeout)
+    app = create_app(session, max_batch=max_batch, max_chars=max_chars, body_timeout=body_timeout, api_keys=api_keys)
     sock = bind_socket(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             http=guarded_protocol(header_timeout, int(max_connections)), timeout_keep_alive=keep_alive)
