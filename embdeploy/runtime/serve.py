@@ -179,7 +179,7 @@ def create_app(
         return texts
 
     widths = {"sentence_embedding": 1, "pooler_output": 1}
-    app_ref: dict = {}  # the Starlette app, once built (encode_with counts texts into its metrics)
+    metrics = _Metrics()
 
     def predicted_values(output: str, enc: dict) -> int:
         """Numbers the response will hold, from the tokenized batch (before the model runs)."""
@@ -212,9 +212,7 @@ def create_app(
                 413, f"the response would hold {values.size} numbers ({output} {list(values.shape)}), the limit is "
                 f"{max_values}; send fewer or shorter texts, or pass max_length"
             )
-        metrics = getattr(app_ref.get("app"), "state", None)
-        if metrics is not None and getattr(metrics, "metrics", None) is not None:
-            metrics.metrics.texts.inc(len(texts))
+        metrics.texts.inc(len(texts))
         return result, values, pinned
 
     async def healthz(request):
@@ -361,8 +359,6 @@ def create_app(
         exception_handlers={RequestError: on_request_error, HTTPException: on_http_error, Exception: on_crash},
     )
     app.state.session = session
-    app_ref["app"] = app
-    metrics = _Metrics()
     app.state.metrics = metrics
     app.add_route("/metrics", metrics.endpoint, methods=["GET"])
     keys = [k for k in (api_keys or []) if k]
