@@ -128,9 +128,9 @@ def measure_texts(base_art, variant_arts, labels, texts: list[str], batch_sizes,
     first = next(iter(sessions.values()))
     limit = first.max_length
     base_sess = Session(base_art.path, providers="cpu", threads=threads)
-    runners = {"base": _Runner(base_sess, base_tokenizer(first._state.tokenizer, base_art.V), limit)}
+    runners = {"base": _Runner(base_sess, base_tokenizer(first.tokenizer, base_art.V), limit)}
     for label, s in sessions.items():
-        runners[label] = _Runner(s, s._state.tokenizer, limit)
+        runners[label] = _Runner(s, s.tokenizer, limit)
     meta = {"V": base_art.V, "task": base_art.task, "pooling": json.loads((Path(base_art.path) / "embdeploy.json")
                                                                            .read_text()).get("pooling")}
 

@@ -381,6 +381,11 @@ class Session:
         return list(self._state.sess.get_providers())
 
     @property
+    def tokenizer(self):
+        """The tokenizer of the table in use (the extended one), or None for a base export."""
+        return self._state.tokenizer
+
+    @property
     def max_length(self) -> int | None:
         """Default token limit per text: the tokenizer's, capped by the model's position table."""
         limits = [n for n in (getattr(self._state.tokenizer, "model_max_length", None), self._rt.export.max_positions)

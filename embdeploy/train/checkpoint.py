@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EmbdeployError
+from ..fingerprint import file_digest
 from ..fsutil import atomic_output_dir
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -54,7 +55,7 @@ def save_checkpoint(directory, step: int, ext, opt, state: dict) -> Path:
         save_file(ext.state_tensors(), str(tmp / TABLES), metadata={"format": FORMAT})
         save_file(tensors, str(tmp / OPTIM), metadata={"format": FORMAT})
         body = {"format": FORMAT, "step": step, "optimizer_param_groups": groups, **state,
-                "digests": {name: _sha256(tmp / name) for name in (TABLES, OPTIM)}}
+                "digests": {name: file_digest(tmp / name) for name in (TABLES, OPTIM)}}
         (tmp / STATE).write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
     for old in list_checkpoints(root)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
@@ -75,16 +76,6 @@ def latest_checkpoint(directory) -> Path | None:
     return cps[-1] if cps else None
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
 def _verify(p: Path, state: dict) -> None:
     """Every byte of the tensors is checked against the digests written with them."""
     digests = state.get("digests")
@@ -93,7 +84,7 @@ def _verify(p: Path, state: dict) -> None:
             f"checkpoint {p} has no digests (written by an older embdeploy, or state.json was edited); "
             "its rows cannot be trusted: delete it and train again, or resume from a newer checkpoint"
         )
-    bad = [name for name in (TABLES, OPTIM) if not (p / name).is_file() or digests.get(name) != _sha256(p / name)]
+    bad = [name for name in (TABLES, OPTIM) if not (p / name).is_file() or digests.get(name) != file_digest(p / name)]
     if bad:
         raise EmbdeployError(
             f"checkpoint {p}: {', '.join(bad)} changed after it was written (its sha256 differs from state.json); "
