@@ -308,6 +308,11 @@ def train(
     if rank != 0:
         return  # every rank holds the same rows; only rank 0 writes
     ext.save(target, overwrite=True if out_dir is None else overwrite, inputs=inputs)
+    if rec.eval_after:  # --eval-texts: the held-out report before and after, as its help says
+        from .train.evaluate import QualityReport
+
+        before = QualityReport.from_json(rec.eval_before) if rec.eval_before else None
+        QualityReport.from_json(rec.eval_after).render(out, before=before, title="held-out quality, before → after training")
     out.print(f"[green]wrote[/] {target}: {rec.objective}, {rec.steps} steps on {rec.device}, loss {rec.first_loss:.4g} → "
               f"{rec.final_loss:.4g}, {rec.time_s:.0f}s ({rec.tokens_per_s:.0f} tokens/s); base rows verified unchanged")
 

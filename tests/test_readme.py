@@ -64,4 +64,7 @@ def test_readme_console_commands_run_as_written(tmp_path):
         assert p.returncode == 0, f"{cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
         if cmd.startswith(("embdeploy export", "embdeploy train")):  # each says what it wrote once (issue 17)
             assert (p.stdout + p.stderr).count("wrote ") == 1, p.stdout + p.stderr
+        if "--eval-texts" in cmd:  # and train prints the held-out report its help promises
+            shown = " ".join(p.stdout.split())
+            assert "held-out quality, before → after training" in shown and "sentence cosine, mean" in shown
     assert (tmp_path / "bench.png").is_file() and (tmp_path / "baseline.json").is_file()

@@ -49,6 +49,13 @@ class QualityReport:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, d: dict) -> "QualityReport":
+        from dataclasses import fields
+
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
     def render(self, console=None, before: QualityReport | None = None, title: str = "held-out quality") -> None:
         from rich.console import Console
         from rich.table import Table
