@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EmbdeployError
-from .session import Session
+from .session import Session, lone_surrogate
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def create_app(
                 raise RequestError(422, f"{field}[{i}] must be a string, got a JSON {_json_type(t)}")
             if not t.strip():
                 raise RequestError(422, f"{field}[{i}] is empty; every text needs at least one non-space character")
-            bad = _lone_surrogate(t)
+            bad = lone_surrogate(t)
             if bad is not None:
                 raise RequestError(422, f"{field}[{i}] holds a lone surrogate (U+{ord(t[bad]):04X} at character {bad}), "
                                         "which is not text; send valid Unicode (pair surrogates, or escape the bytes)")
@@ -189,21 +189,20 @@ def create_app(
 
     async def encode_with(texts: list[str], output: str, max_length):
         pinned = session.snapshot()  # the numbers and the fingerprint reported with them come from one table
-        try:
+
+        def work():  # in a worker thread: tokenizing is CPU work too, and must not stall the event loop
             enc = pinned.tokenize(texts, max_length=max_length)
-        except EmbdeployError as e:
-            raise RequestError(422, _hide_paths(str(e), session)) from None
-        n = predicted_values(output, enc)
-        if n > max_values:
-            raise RequestError(
-                413, f"the response would hold {n} numbers ({output} for {len(texts)} texts of up to "
-                f"{enc['input_ids'].shape[1]} tokens), the limit is {max_values}; send fewer or shorter texts, "
-                "or pass max_length"
-            )
+            n = predicted_values(output, enc)
+            if n > max_values:
+                raise RequestError(
+                    413, f"the response would hold {n} numbers ({output} for {len(texts)} texts of up to "
+                    f"{enc['input_ids'].shape[1]} tokens), the limit is {max_values}; send fewer or shorter texts, "
+                    "or pass max_length"
+                )
+            return pinned.encode(texts, batch_size=batch_size, max_length=max_length, outputs=[output])
+
         try:
-            result = await run_in_threadpool(
-                pinned.encode, texts, batch_size=batch_size, max_length=max_length, outputs=[output]
-            )
+            result = await run_in_threadpool(work)
         except EmbdeployError as e:
             raise RequestError(422, _hide_paths(str(e), session)) from None
         values = result[output]
@@ -446,14 +445,6 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-def _lone_surrogate(text: str) -> int | None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return e.start
-    return None
 
 
 def _hide_paths(message: str, session) -> str:

@@ -746,12 +746,20 @@ def _as_texts(texts) -> list[str]:
     if bad:
         raise EmbdeployError(f"texts[{bad[0]}] is a {type(texts[bad[0]]).__name__}, not a string")
     for i, t in enumerate(texts):
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise EmbdeployError(f"texts[{i}] holds a lone surrogate (U+{ord(t[e.start]):04X} at character {e.start}), "
-                                 "which is not text and no tokenizer can read; pass valid Unicode") from None
+        at = lone_surrogate(t)
+        if at is not None:
+            raise EmbdeployError(f"texts[{i}] holds a lone surrogate (U+{ord(t[at]):04X} at character {at}), "
+                                 "which is not text and no tokenizer can read; pass valid Unicode")
     return list(texts)
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first unpaired surrogate in `text` (not encodable as UTF-8), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
 
 
 def _merge(parts, names: list[str]) -> dict[str, np.ndarray]:
