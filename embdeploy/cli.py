@@ -107,6 +107,16 @@ def _escape(s: str) -> str:
     return escape(s)
 
 
+_BASE_MODEL_HELP = ("Where the base model is, when not where extension.json records it (the extension was moved "
+                    "to another machine or venv): its directory, `minilm` for the built-in model, or a hub id; "
+                    "refused unless its embedding table has the recorded fingerprint "
+                    "[default: the base extension.json records].")
+
+
+def _base_model_option():
+    return typer.Option(None, "--base-model", help=_BASE_MODEL_HELP)
+
+
 class Init(str, Enum):
     subword_mean = "subword-mean"
     mean = "mean"
@@ -252,12 +262,13 @@ def merge(
     ext_dir: Path = typer.Argument(..., help="Extension directory."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Plain transformers model directory to write."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    base_model: Optional[str] = _base_model_option(),
 ):
     """Write a plain transformers model with the new rows merged in (loads with AutoModel*.from_pretrained)."""
     from .extend.merge import merge_extension
     from .extend.model import load_extension
 
-    ext = load_extension(ext_dir)
+    ext = load_extension(ext_dir, base_model=base_model)
     merge_extension(ext, out_dir, overwrite=overwrite, inputs=(ext_dir,))
     out.print(f"[green]wrote[/] {out_dir}: vocabulary {ext.V} + {ext.K} = {ext.V + ext.K} rows")
 
@@ -288,6 +299,7 @@ def train(
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --checkpoint-dir."),
     device: str = typer.Option("auto", help="auto: the GPU when torch sees one (cuda:LOCAL_RANK under torchrun), else the CPU; or cpu, cuda, cuda:N."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    base_model: Optional[str] = _base_model_option(),
 ):
     """Train only the new rows (base frozen and verified by fingerprint afterwards); the record goes into extension.json."""
     from .extend.model import load_extension
@@ -300,7 +312,7 @@ def train(
         inputs = (ext_dir, *inputs)  # without --out, EXT_DIR is updated in place, as documented
         check_output_dir(out_dir, overwrite, "extension", inputs)
     rank, _ = init_distributed()  # a no-op outside torchrun / accelerate launch
-    ext = load_extension(ext_dir)
+    ext = load_extension(ext_dir, base_model=base_model)
     rec = run_train(ext, texts, objective=objective.value, steps=steps, lr=lr, batch_size=batch_size, layer=layer,
                     pooled=pooled, seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                     resume=resume, eval_texts=eval_texts, console=console, device=device)
@@ -324,12 +336,13 @@ def eval_(
     ext_dir: Path = typer.Argument(..., help="Extension directory."),
     texts: Path = typer.Option(..., "--texts", help="Held-out texts that use the new tokens (plain text or JSON lines)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    base_model: Optional[str] = _base_model_option(),
 ):
     """Quality of the new rows: output with new tokens vs with the original tokenization (cosines, retrieval accuracy)."""
     from .extend.model import load_extension
     from .train import evaluate, read_texts
 
-    ext = load_extension(ext_dir)
+    ext = load_extension(ext_dir, base_model=base_model)
     report = evaluate(ext, read_texts(texts))
     if json_out:
         out.print_json(data=report.to_json())
@@ -381,6 +394,7 @@ def export(
     cache_dir: Optional[Path] = typer.Option(None, help="Base export cache [default: $EMBDEPLOY_CACHE or ~/.cache/embdeploy]."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every validation probe, not one row per output."),
+    base_model: Optional[str] = _base_model_option(),
 ):
     """Export an extension to ONNX (base exported once and cached, then a graph rewrite), then validate it against PyTorch."""
     from .export import export_extension
@@ -400,7 +414,7 @@ def export(
 
         raise EmbdeployError("no output directory: pass --out DIR (or set `out` in the recipe)")
     args.setdefault("mode", "merged")
-    res = export_extension(ext_dir, overwrite=overwrite, cache_dir=cache_dir, progress=lambda m: console.print(f"[dim]{_escape(m)}[/]"), **args)
+    res = export_extension(ext_dir, overwrite=overwrite, cache_dir=cache_dir, base_model=base_model, progress=lambda m: console.print(f"[dim]{_escape(m)}[/]"), **args)
     if res.report is not None:
         out.print(res.report.table() if verbose else _validation_summary(res.report))
     t = res.timings
@@ -420,6 +434,7 @@ def validate(
     provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu or cuda."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every probe, not one row per output."),
+    base_model: Optional[str] = _base_model_option(),
 ):
     """Check file digests, then ONNX Runtime against PyTorch on probes that hit every new id; non-zero exit on any failure."""
     from .errors import ValidationFailed
@@ -427,7 +442,7 @@ def validate(
 
     verify_dir(onnx_dir)
     try:
-        report = validate_dir(onnx_dir, ext, provider=provider)
+        report = validate_dir(onnx_dir, ext, provider=provider, base_model=base_model)
     except ValidationFailed:
         raise
     if json_out:

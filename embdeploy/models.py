@@ -53,6 +53,19 @@ def resolve_model_ref(ref: str | os.PathLike) -> Path | str:
     return ref_s
 
 
+def portable_ref(ref: str | os.PathLike, path: Path | str) -> str:
+    """What to record so another machine can find the same base: `minilm` for the packaged model
+    (whose directory is inside one venv's site-packages), a hub id as it was given, else the path as given."""
+    if isinstance(path, str):
+        return path  # a hub id, resolved by transformers wherever it runs
+    try:
+        if path.resolve() == packaged_minilm_dir().resolve():
+            return DEFAULT_MODEL
+    except EmbdeployError:
+        pass  # the demo package is not installed here, so `path` cannot be it
+    return str(ref)
+
+
 def _hub_like(s: str) -> bool:
     parts = s.split("/")
     return len(parts) == 2 and all(parts)
@@ -68,11 +81,13 @@ class BaseInfo:
     model_class: str
     pooling: dict | None = None  # sentence-transformers pooling: {"mode": "mean", "normalize": bool}
     extra: dict = field(default_factory=dict)
+    portable_ref: str | None = None  # what finds this base on another machine (see portable_ref)
 
     def to_json(self) -> dict:
         return {
             "ref": self.ref,
             "path": self.path,
+            "portable_ref": self.portable_ref or self.ref,
             "task": self.task,
             "model_class": self.model_class,
             "pooling": self.pooling,
@@ -234,6 +249,7 @@ def load_base(ref: str | os.PathLike = DEFAULT_MODEL, task: str | None = None, t
         task=task,
         model_class=type(model).__name__,
         pooling=detect_pooling(path) if isinstance(path, Path) else None,
+        portable_ref=portable_ref(ref, path),
     )
     return model, tok, info
 

@@ -82,7 +82,7 @@ def world(tmp_path_factory) -> World:
         model.save_pretrained(root / f"base-{name}")
         tok.save_pretrained(root / f"base-{name}")
         extend_cli(str(root / f"base-{name}"), tokens, root / f"ext-{name}", init="mean-noise")  # what `extend` runs
-        paths[name] = export_base(load_extension(root / f"ext-{name}"), cache_dir=cache)
+        paths[name] = export_base(load_extension(root / f"ext-{name}"), cache_dir=cache).path
     ext_a = load_extension(root / "ext-a")
     for mode in ("swap", "merged"):
         export_extension(root / "ext-a", mode, root / f"export-{mode}", cache_dir=cache)
@@ -156,7 +156,7 @@ def ext_other_base(w: World, d: Path):
 def ext_base_gone(w: World, d: Path):
     ext = copy(w.ext_a, d, "ext")
     m = json.loads((ext / "extension.json").read_text())
-    m["base_model"].update(path=str(d / "moved-away"), ref=str(d / "moved-away"))
+    m["base_model"].update(path=str(d / "moved-away"), ref=str(d / "moved-away"), portable_ref=str(d / "moved-away"))
     (ext / "extension.json").write_text(json.dumps(m))
     return ["export", ext, "--out", d / "out"]
 
@@ -478,7 +478,8 @@ CLI_CASES = [
     # extension directories
     CliCase("ext-other-base", ext_other_base,
             ("was made for a base whose embedding table has fingerprint", "Load it onto the base it was made for")),
-    CliCase("ext-base-moved", ext_base_gone, ("moved-away does not exist", "check the path")),
+    CliCase("ext-base-moved", ext_base_gone, ("moved-away does not exist", "Pass it with --base-model PATH_OR_ALIAS",
+                                              "checked against the fingerprint recorded in extension.json")),
     CliCase("ext-safetensors-truncated", ext_truncated, ("extension.safetensors is corrupted or truncated",
                                                          "re-create the extension")),
     CliCase("ext-safetensors-edited", ext_edited, ("do not match the extension_fingerprint in",

@@ -63,13 +63,15 @@ def export_extension(
     backend: str = "torch",
     provider: str = "cpu",
     quantize: str | None = None,
+    base_model=None,
 ) -> ExportResult:
     """Export `ext` (an Extension or an extension directory) to ONNX directory `out` in `mode`.
 
     The base comes from `base_onnx` (an ONNX file or directory, e.g. from
     `optimum-cli export onnx`) or else from `export_base` (cached). With
     `validate` (the default) ORT is checked against PyTorch on `provider` and a
-    failure raises ValidationFailed with `out` not created.
+    failure raises ValidationFailed with `out` not created. `base_model` (a path or alias) is where the
+    base is found when the extension moved away from the one it records (checked by fingerprint).
     """
     from ..extend.model import Extension, load_extension
     from ..onnx import rewrite as rw
@@ -110,7 +112,7 @@ def export_extension(
     if not isinstance(ext, Extension):
         extension_dir = Path(ext).resolve()
         say(f"loading the extension {extension_dir}")
-        ext = load_extension(extension_dir)
+        ext = load_extension(extension_dir, base_model=base_model)
     if ext.K == 0:
         raise EmbdeployError("the extension has no tokens (K=0); nothing to export")
 

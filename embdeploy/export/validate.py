@@ -656,7 +656,7 @@ def _swap_check(model_path, provider, ext, m, roles, reference, probes, report, 
                     extra_feeds=feeds, cache=cache, step_ids=step_ids)
 
 
-def validate_dir(onnx_dir, ext_dir=None, provider: str = "cpu") -> ValidationReport:
+def validate_dir(onnx_dir, ext_dir=None, provider: str = "cpu", base_model=None) -> ValidationReport:
     """For `embdeploy validate`: load the extension (`ext_dir`, else the one recorded at export) and validate."""
     from ..extend.model import load_extension
     from .manifest import verify_dir
@@ -671,4 +671,4 @@ def validate_dir(onnx_dir, ext_dir=None, provider: str = "cpu") -> ValidationRep
         raise EmbdeployError(
             f"the extension directory {ext_dir} (recorded at export) does not exist any more; pass it with --ext EXT_DIR"
         )
-    return validate(onnx_dir, load_extension(ext_dir), provider=provider, _manifest=m)
+    return validate(onnx_dir, load_extension(ext_dir, base_model=base_model), provider=provider, _manifest=m)

@@ -442,8 +442,38 @@ def _read_tables(d: Path, m: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_extension(directory, model=None, tokenizer=None) -> Extension:
-    """Load an extension directory onto `model` (or onto the base model it names).
+def _load_recorded_base(d: Path, m: dict, base_model=None):
+    """(model, BaseInfo) for the base an extension names, or for `base_model` when the user gives one.
+
+    The recorded absolute path is tried first (the same machine), then the portable reference
+    (`minilm`, a hub id, the path as given). Whichever loads, the caller checks its fingerprint.
+    """
+    rec = m["base_model"]
+    task = rec.get("task") or None
+    if base_model is not None:
+        model, _, info = load_base(base_model, task=task)
+        return model, info
+    tried = []
+    for ref in dict.fromkeys(r for r in (rec.get("path"), rec.get("portable_ref"), rec.get("ref")) if r):
+        try:
+            model, _, info = load_base(ref, task=task)
+        except EmbdeployError as e:
+            tried.append(f"{ref}: {str(e).splitlines()[0]}")
+            continue
+        # Found again by its absolute path: keep the reference the user gave, so a save stays portable.
+        info.ref = rec.get("ref") or info.ref
+        info.portable_ref = rec.get("portable_ref") or info.portable_ref
+        return model, info
+    lines = "\n".join(f"  - {t}" for t in tried) or "  - extension.json names no base model"
+    raise EmbdeployError(
+        f"the base model of the extension in {d} is not found here:\n{lines}\n"
+        "Pass it with --base-model PATH_OR_ALIAS (its directory, `minilm` for the built-in model, or a hub id); "
+        "it is checked against the fingerprint recorded in extension.json"
+    )
+
+
+def load_extension(directory, model=None, tokenizer=None, base_model=None) -> Extension:
+    """Load an extension directory onto `model` (or onto `base_model`, a path or alias, or else the base it names).
 
     Refuses a base whose embedding table (or untied head) fingerprint differs from the one recorded.
     """
@@ -453,14 +483,7 @@ def load_extension(directory, model=None, tokenizer=None) -> Extension:
     tensors = _read_tables(d, m)
     info = None
     if model is None:
-        ref = m["base_model"].get("path") or m["base_model"].get("ref")
-        ref_fallback = m["base_model"].get("ref")
-        try:
-            model, _, info = load_base(ref, task=m["base_model"].get("task") or None)
-        except EmbdeployError:
-            if not ref_fallback or ref_fallback == ref:
-                raise
-            model, _, info = load_base(ref_fallback, task=m["base_model"].get("task") or None)
+        model, info = _load_recorded_base(d, m, base_model)
     emb = model.get_input_embeddings()
     fp = table_fingerprint(emb.weight)
     if fp != m["base_fingerprint"]["embed"] or emb.weight.shape != (m["V"], m["H"]):
@@ -468,7 +491,8 @@ def load_extension(directory, model=None, tokenizer=None) -> Extension:
             f"the extension in {d} was made for a base whose embedding table has fingerprint "
             f"{m['base_fingerprint']['embed'][:23]}… ({m['V']}×{m['H']}); this model's table is "
             f"{fp[:23]}… ({tuple(emb.weight.shape)[0]}×{tuple(emb.weight.shape)[1]}). "
-            f"Load it onto the base it was made for ({m['base_model'].get('ref')})."
+            f"Load it onto the base it was made for ({m['base_model'].get('ref')})"
+            + (f"; --base-model {base_model} is another model." if base_model is not None else ".")
         )
     try:
         tok = tokenizer or load_tokenizer(d)
