@@ -45,7 +45,8 @@ def test_identity_extension_gives_cosine_one(wordpiece_tokenizer):
     assert unk["sentence_cos"] == pytest.approx(1.0, abs=1e-6)
     assert unk["retrieved"] == unk["queries"] == 1
     assert rep.token_cos_min <= rep.token_cos_mean <= 1 + 1e-6
-    assert rep.candidates == 3 and rep.tokens_not_covered == []
+    # candidates: the 4 held-out texts (one is the twin) and each text refilled with the 2 other tokens
+    assert rep.candidates == rep.candidates_min == 4 + 2 and rep.tokens_not_covered == []
 
 
 def test_training_on_identity_contexts_starts_at_zero_loss(wordpiece_tokenizer):
@@ -66,7 +67,8 @@ def test_numbers_are_sane_and_training_improves_them(wordpiece_tokenizer):
         assert -1 <= r.sentence_cos_min <= r.sentence_cos_mean <= 1 + 1e-6
         assert -1 <= r.token_cos_min <= r.token_cos_mean <= 1 + 1e-6
         assert 0 <= r.retrieval_accuracy <= 1
-        assert r.texts == 6 and r.pairs == 6 and r.candidates == 3
+        # every refill of a text is another held-out text here, so the candidates are the 6 texts
+        assert r.texts == 6 and r.pairs == 6 and r.candidates == 6
     assert a.sentence_cos_mean > b.sentence_cos_mean
     assert a.token_cos_mean > b.token_cos_mean
 
@@ -93,7 +95,7 @@ def test_report_json_and_render(wordpiece_tokenizer):
     console = Console(record=True, width=120)
     rep.render(console, before=rep)
     text = console.export_text()
-    for part in ("sentence cosine, mean", "retrieval accuracy (1 of 3)", "before", "after", "bradycardia"):
+    for part in ("sentence cosine, mean", "retrieval accuracy (1 of 6)", "before", "after", "bradycardia"):
         assert part in text
 
 
@@ -113,3 +115,38 @@ def test_causal_model_report(bpe_tokenizer):
     rep = evaluate(ext, ["the doctor saw troponin rise", "a cpuwork job ran"])
     assert rep.texts == 2 and rep.retrieval_accuracy is not None
     assert rep.embedding == "mean of last hidden states"
+
+
+def test_every_held_out_line_is_read_and_the_report_says_how_many(wordpiece_tokenizer, tmp_path):
+    """A file of N lines, M of them with a new token: M are compared, all N are retrieval candidates."""
+    from rich.console import Console
+
+    tokens = ["troponin", "hyperkalemia"]
+    ext = bert_ext(wordpiece_tokenizer, tokens)
+    whens = {"troponin": ("today", "again", "at noon"), "hyperkalemia": ("on monday", "twice", "at night")}
+    with_token = [f"the {t} level was checked {w}" for t in tokens for w in whens[t]]  # refills are new texts
+    plain = [f"an ordinary sentence number {i} about the weather" for i in range(40)]
+    f = tmp_path / "held.txt"
+    f.write_text("\n".join(with_token[:3] + plain + with_token[3:]) + "\n")
+    n, m = len(with_token) + len(plain), len(with_token)
+    rep = evaluate(ext, f)
+    assert rep.texts_given == n and rep.texts == m and rep.pairs == m
+    # each query: the other n - 1 lines, its one refill with the other token, and its twin
+    assert rep.candidates == rep.candidates_min == n + 1
+    assert 0 <= rep.retrieval_accuracy <= 1
+    assert sum(d["queries"] for d in rep.per_token.values()) == m
+    console = Console(record=True, width=400)
+    rep.render(console)
+    text = " ".join(console.export_text().split())
+    assert f"{m} of {n} texts hold a new token" in text
+    assert f"retrieval accuracy (1 of {n + 1})" in text
+    assert f"the other {n - m} held-out text(s) hold no new token" in text
+    assert "chance is about 1 in" in text and "1.000 means the same vector" in text
+
+
+def test_one_new_token_is_still_retrieved_among_the_other_texts(wordpiece_tokenizer):
+    """With a single new token there is no refill, but the other held-out texts still make a query."""
+    ext = bert_ext(wordpiece_tokenizer, [UNK_WORD], init="copy-token", init_token="[UNK]")
+    rep = evaluate(ext, HELD_OUT)
+    assert rep.candidates == len(HELD_OUT)
+    assert rep.retrieval_accuracy == 1.0  # the identity row: the twin is the same vector

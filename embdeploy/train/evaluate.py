@@ -8,8 +8,12 @@ with the new tokens (extended tokenizer) and with the original tokenization.
   token cosine     the new token's last-layer state against the mean of its
                    original pieces' states (the last piece in causal models)
   retrieval        the text with the new token must find its original-tokenization
-                   twin among the same template filled with each other new token
-                   (also in original tokenization); ties count as found
+                   twin among every other held-out text and the same template filled
+                   with each other new token (all in original tokenization); ties
+                   count as found, so chance is about 1 in the number of candidates
+
+Texts without a new token read the same with both tokenizers (identical outputs,
+cosine 1 by construction), so they enter only as retrieval candidates.
 
 The original side never changes during training, so an `Evaluator` computes it
 once and `run()` only re-reads the extended side.
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EmbdeployError
-from .align import build_examples, is_causal, model_device
+from .align import build_examples, is_causal, max_length, model_device
 from .objectives import collate, pad_id, pool
 from .texts import folds_case
 
@@ -39,12 +43,14 @@ class QualityReport:
     sentence_cos_min: float
     token_cos_mean: float
     token_cos_min: float
-    retrieval_accuracy: float | None  # None with a single new token (nothing to tell apart)
-    candidates: int  # candidates per retrieval query (the twin included)
+    retrieval_accuracy: float | None  # None when there is nothing to tell apart (one text, one new token)
+    candidates: int  # most candidates of a retrieval query (the twin included)
     embedding: str  # what "sentence embedding" means for this model
     per_token: dict[str, dict] = field(default_factory=dict)
     worst: list[dict] = field(default_factory=list)  # lowest sentence cosines
     tokens_not_covered: list[str] = field(default_factory=list)  # new tokens no held-out text contains
+    texts_given: int = 0  # distinct held-out texts read (0 in reports written before it was recorded)
+    candidates_min: int | None = None  # fewest candidates of a query (fills can coincide with held-out texts)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -61,7 +67,8 @@ class QualityReport:
         from rich.table import Table
 
         console = console or Console()
-        table = Table(title=f"{title}: {self.texts} texts, {self.pairs} token uses")
+        of = f" of {self.texts_given}" if self.texts_given else ""
+        table = Table(title=f"{title}: {self.texts}{of} texts hold a new token, {self.pairs} token uses")
         table.add_column("metric")
         if before is not None:
             table.add_column("before", justify="right")
@@ -71,12 +78,14 @@ class QualityReport:
             ("sentence cosine, min", "sentence_cos_min"),
             ("token cosine, mean", "token_cos_mean"),
             ("token cosine, min", "token_cos_min"),
-            (f"retrieval accuracy (1 of {self.candidates})", "retrieval_accuracy"),
+            (f"retrieval accuracy (1 of {self.candidates_label()})", "retrieval_accuracy"),
         ]
         for label, key in rows:
             vals = ([getattr(before, key)] if before is not None else []) + [getattr(self, key)]
             table.add_row(label, *("n/a" if v is None else f"{v:.3f}" for v in vals))
         console.print(table)
+        for line in self.explanation():
+            console.print(line, highlight=False, markup=False)
         console.print(f"sentence embedding: {self.embedding}")
         if self.worst:
             w = self.worst[0]
@@ -84,6 +93,29 @@ class QualityReport:
         if self.tokens_not_covered:
             n = len(self.tokens_not_covered)
             console.print(f"{n} new token(s) appear in no held-out text: {', '.join(self.tokens_not_covered[:10])}" + (" …" if n > 10 else ""))
+
+
+    def candidates_label(self) -> str:
+        lo = self.candidates_min
+        return str(self.candidates) if lo is None or lo == self.candidates else f"{lo}-{self.candidates}"
+
+    def explanation(self) -> list[str]:
+        """The metrics in words, printed under the table."""
+        lines = [
+            "sentence cosine: each text that holds a new token is embedded twice, with the new tokens and with the "
+            "original tokenization; 1.000 means the same vector",
+            "token cosine: the new token's output state against the mean of its original pieces' states "
+            "(the last piece in causal models)",
+            f"retrieval accuracy: the share of (text, new token) uses whose embedding with the new token is at "
+            f"least as close to its own original-tokenization twin as to any other candidate: "
+            f"{self.candidates_label()} in all, the twin, the other held-out texts, and the same sentence with "
+            f"each other new token, all in original tokenization; chance is about 1 in {self.candidates_label()}",
+        ]
+        rest = self.texts_given - self.texts
+        if rest > 0:
+            lines.append(f"the other {rest} held-out text(s) hold no new token: both tokenizers read them the "
+                         "same, so their outputs are identical; they serve as retrieval candidates only")
+        return lines
 
 
 def _describe(pooling) -> str:
@@ -103,6 +135,8 @@ class Evaluator:
         self.pad = pad_id(ext.tokenizer)
         self.causal = is_causal(ext.model)
         V = ext.V
+        texts = list(dict.fromkeys(texts))
+        self.held = texts  # every distinct held-out text: all of them are retrieval candidates
         enc = ext.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         chosen = list(dict.fromkeys(t for t, ids in zip(texts, enc) if any(i >= V for i in ids)))
         if not chosen:
@@ -138,7 +172,8 @@ class Evaluator:
         return torch.stack(pooled), states
 
     def _embed_texts(self, texts: list[str]) -> torch.Tensor:
-        seqs = self.ext.base_tokenizer(texts)["input_ids"]
+        limit = max_length(self.ext.model, self.ext.base_tokenizer)
+        seqs = self.ext.base_tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
         return self._forward(list(seqs))[0]
 
     # ------------------------------------------------------------------ original side
@@ -154,23 +189,25 @@ class Evaluator:
                     t = list(c.teacher)
                     rows.append((c.student[0], st[t[-1]] if self.causal else st[t].mean(0)))
             self.ref_token.append(rows)
-        # Retrieval candidates: the template (text with the token replaced) filled with each other new token.
+        # Retrieval candidates: every other held-out text, and the template (the text with the token
+        # replaced) filled with each other new token, which only the new token's row tells apart.
         ignore_case = folds_case(ext.base_tokenizer)
-        self.queries = []  # (pair index, [candidate row indices]); row of the twin comes first
-        cand_texts: dict[str, int] = {}
+        # Rows 0..len(held)-1 of cand_emb are the held-out texts, the fills follow.
+        self.queries = []  # (pair index, row of its own text, [rows of its fills that are not held-out texts])
+        cand_texts: dict[str, int] = {t: i for i, t in enumerate(self.held)}
         for n, (k, tok) in enumerate(self.pairs):
             text = self.examples[k].text
+            fills = {}
             pat = re.compile(r"(?<!\w)" + re.escape(tok) + r"(?!\w)", re.IGNORECASE if ignore_case else 0)
-            if not pat.search(text) or len(ext.tokens) < 2:
-                continue
-            rows = []
-            for other in ext.tokens:
-                if other == tok:
-                    continue
-                filled = pat.sub(lambda m, o=other: _match_case(m.group(0), o), text)
-                rows.append(cand_texts.setdefault(filled, len(cand_texts)))
-            self.queries.append((n, rows))
-        self.cand_emb = self._embed_texts(list(cand_texts)) if cand_texts else None
+            if pat.search(text):
+                for other in ext.tokens:
+                    if other != tok:
+                        filled = pat.sub(lambda m, o=other: _match_case(m.group(0), o), text)
+                        fills[cand_texts.setdefault(filled, len(cand_texts))] = None
+            fills = [r for r in fills if r >= len(self.held)]
+            if len(self.held) > 1 or fills:  # the text itself, in original tokenization, is the twin
+                self.queries.append((n, cand_texts[text], fills))
+        self.cand_emb = F.normalize(self._embed_texts(list(cand_texts)), dim=-1) if self.queries else None
 
     # ------------------------------------------------------------------ extended side
     def run(self) -> QualityReport:
@@ -191,12 +228,19 @@ class Evaluator:
         all_tok = [c for cs in tok_cos_by_example for c in cs]
 
         hits: dict[int, bool] = {}
-        for n, rows in self.queries:
-            k = self.pairs[n][0]
-            q = pooled[k]
-            twin = float(F.cosine_similarity(q, self.ref_sentence[k], dim=0))
-            others = F.cosine_similarity(q.unsqueeze(0), self.cand_emb[rows], dim=-1)
-            hits[n] = bool((others > twin).sum() == 0)
+        n_held = len(self.held)
+        for c in range(0, len(self.queries), 256):  # a (chunk × held texts) similarity matrix at a time
+            chunk = self.queries[c : c + 256]
+            ks = [self.pairs[n][0] for n, _, _ in chunk]
+            q = F.normalize(pooled[ks], dim=-1)
+            twin = (q * F.normalize(self.ref_sentence[ks], dim=-1)).sum(-1)
+            sims = q @ self.cand_emb[:n_held].T
+            sims[torch.arange(len(chunk)), torch.tensor([own for _, own, _ in chunk])] = -2.0  # below any cosine
+            beaten = (sims > twin[:, None]).any(dim=1)
+            for i, (n, _, fills) in enumerate(chunk):
+                fill_beats = bool((self.cand_emb[fills] @ q[i] > twin[i]).any()) if fills else False
+                hits[n] = not (bool(beaten[i]) or fill_beats)
+        sizes = [n_held + len(fills) for _, _, fills in self.queries]  # the other held texts, fills, the twin
 
         per_token: dict[str, dict] = {}
         for n, (k, tok) in enumerate(self.pairs):
@@ -217,11 +261,13 @@ class Evaluator:
             token_cos_mean=sum(all_tok) / len(all_tok) if all_tok else float("nan"),
             token_cos_min=min(all_tok) if all_tok else float("nan"),
             retrieval_accuracy=(sum(hits.values()) / len(hits)) if hits else None,
-            candidates=len(self.ext.tokens),
+            candidates=max(sizes, default=0),
+            candidates_min=min(sizes, default=0),
             embedding=_describe(self.pooling),
             per_token=per_token,
             worst=[{"text": self.examples[i].text, "cos": round(float(sent[i]), 6)} for i in order],
             tokens_not_covered=self.not_covered,
+            texts_given=len(self.held),
         )
 
 
