@@ -304,18 +304,19 @@ def train(
     """Train only the new rows (base frozen and verified by fingerprint afterwards); the record goes into extension.json."""
     from .extend.model import load_extension
     from .fsutil import check_output_dir
-    from .train import init_distributed
+    from .train import TrainConfig, init_distributed
     from .train import train as run_train
 
+    config = TrainConfig(objective=objective.value, steps=steps, lr=lr, batch_size=batch_size, layer=layer,
+                         pooled=pooled, seed=seed, device=device, checkpoint_dir=checkpoint_dir,
+                         checkpoint_every=checkpoint_every, resume=resume)
     inputs = (texts, eval_texts, checkpoint_dir)
     if out_dir is not None:
         inputs = (ext_dir, *inputs)  # without --out, EXT_DIR is updated in place, as documented
         check_output_dir(out_dir, overwrite, "extension", inputs)
     rank, _ = init_distributed()  # a no-op outside torchrun / accelerate launch
     ext = load_extension(ext_dir, base_model=base_model)
-    rec = run_train(ext, texts, objective=objective.value, steps=steps, lr=lr, batch_size=batch_size, layer=layer,
-                    pooled=pooled, seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                    resume=resume, eval_texts=eval_texts, console=console, device=device)
+    rec = run_train(ext, texts, config, eval_texts=eval_texts, console=console)
     target = out_dir or ext_dir
     if rank != 0:
         return  # every rank holds the same rows; only rank 0 writes

@@ -303,7 +303,7 @@ def run_family(name: str, workdir, cache_dir=None, steps: int = TRAIN_STEPS, mod
     from .export import export_base, export_extension
     from .export.validate import validate
     from .extend.model import extend_model
-    from .train import train
+    from .train import TrainConfig, train
 
     family = FAMILIES[name]
     workdir = Path(workdir)
@@ -326,7 +326,7 @@ def run_family(name: str, workdir, cache_dir=None, steps: int = TRAIN_STEPS, mod
             return failed_all("extend", e)
         shape = dict(head=ext.head_mode, V=ext.V, K=ext.K, H=ext.H)
         try:
-            train(ext, training_texts(), objective="distill", steps=steps, batch_size=8, seed=seed, progress=False)
+            train(ext, training_texts(), TrainConfig(objective="distill", steps=steps, batch_size=8, seed=seed), progress=False)
         except Exception as e:
             return failed_all("train", e, **shape)
         try:  # once for all modes: each mode is then a rewrite of this cached file

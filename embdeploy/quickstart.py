@@ -69,7 +69,7 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     from .extend.config import ExtensionConfig, read_token_file
     from .extend.model import Extension, load_extension
     from .models import load_base
-    from .train import read_texts, train
+    from .train import TrainConfig, read_texts, train
 
     console = console or Console()
     wd = Path(workdir)
@@ -140,8 +140,7 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
         evaluator = Evaluator(ext, held)
         console.print(f"reusing {trained_dir}")
     else:
-        kwargs = {} if steps is None else {"steps": steps}
-        rec = train(ext, read_texts(train_texts), console=console, **kwargs)
+        rec = train(ext, read_texts(train_texts), TrainConfig(steps=steps), console=console)
         ext.save(trained_dir)
         console.print(f"trained {rec.steps} steps in {rec.time_s:.0f}s; wrote {trained_dir}")
     after = evaluator.run()

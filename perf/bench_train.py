@@ -47,7 +47,7 @@ def _ext(init="subword-mean"):
 
 
 def quality(device: str = "cpu") -> dict:
-    from embdeploy.train import Evaluator, demo_file, read_texts, train
+    from embdeploy.train import Evaluator, TrainConfig, demo_file, read_texts, train
 
     held, texts = read_texts(demo_file("heldout.txt")), read_texts(demo_file("train.txt"))
     out = {}
@@ -55,7 +55,7 @@ def quality(device: str = "cpu") -> dict:
     out["random_init"] = Evaluator(ext, held).run().to_json()
     ext = _ext()
     t0 = time.perf_counter()
-    rec = train(ext, texts, eval_texts=held, progress=False, device=device)
+    rec = train(ext, texts, TrainConfig(device=device), eval_texts=held, progress=False)
     wall = time.perf_counter() - t0
     out["subword_mean_init"] = rec.eval_before
     out["trained"] = rec.eval_after

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from embdeploy.extend.model import Extension
     from embdeploy.models import load_base
     from embdeploy.suggest import SuggestConfig, load_suggest_tokenizer, suggest
-    from embdeploy.train import Evaluator, read_texts, train
+    from embdeploy.train import Evaluator, TrainConfig, read_texts, train
 
     train_file, held_file, _ = make_corpus()
     t0 = time.perf_counter()
@@ -92,9 +92,8 @@ def main(argv=None) -> int:
     ext = Extension(model, tok, info)
     ext.add(ExtensionConfig(tokens=tokens))
     held = read_texts(held_file)
-    kw = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
     t1 = time.perf_counter()
-    rec = train(ext, read_texts(train_file), progress=False, **kw)
+    rec = train(ext, read_texts(train_file), TrainConfig(steps=args.steps, lr=args.lr), progress=False)
     t_train = time.perf_counter() - t1
     t2 = time.perf_counter()
     after = Evaluator(ext, held).run()

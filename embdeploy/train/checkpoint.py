@@ -3,7 +3,7 @@
     CHECKPOINT_DIR/step-00000200/
         tables.safetensors     the extension rows (same keys as extension.safetensors)
         optimizer.safetensors  AdamW moments and step counts, keyed "<param index>.<name>"
-        state.json             step, settings, optimizer hyperparameters, data digest
+        state.json             step, the run's TrainConfig (asdict), data digest, optimizer hyperparameters
 
 Each checkpoint is written to a temporary sibling and renamed when complete,
 and older ones are removed only after that, so an interrupt at any moment
@@ -22,11 +22,13 @@ import torch
 from ..errors import EmbdeployError
 from ..fingerprint import file_digest
 from ..fsutil import atomic_output_dir
+from .config import TrainConfig
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 TABLES, OPTIM, STATE = "tables.safetensors", "optimizer.safetensors", "state.json"
 FORMAT = "embdeploy-train-checkpoint"
 KEEP = 2
+DATA_KEYS = ("data_sha256", "tokens", "base_fingerprint")
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -139,3 +141,20 @@ def load_checkpoint(path, ext, opt) -> dict:
         groups.append({k: (tuple(v) if k == "betas" else v) for k, v in g.items()})
     opt.load_state_dict({"state": sd_state, "param_groups": groups})
     return state
+
+
+def recorded_settings(state: dict, path) -> tuple[TrainConfig, dict]:
+    """The TrainConfig a checkpoint's run used, and what it learned from (DATA_KEYS).
+
+    Checkpoints written before TrainConfig hold one flat "settings" dict of both; they are read too.
+    """
+    fix = "it was written by another embdeploy version: resume with that version, or start fresh without --resume"
+    where = f"checkpoint {path}"
+    if "config" in state:
+        return TrainConfig.from_dict(state["config"], where, fix), dict(state.get("data") or {})
+    flat = state.get("settings")
+    if not isinstance(flat, dict):
+        raise EmbdeployError(f"{where} records no training settings (state.json has neither \"config\" nor "
+                             "\"settings\"); start fresh without --resume")
+    config = {k: v for k, v in flat.items() if k not in DATA_KEYS}
+    return TrainConfig.from_dict(config, where, fix), {k: flat.get(k) for k in DATA_KEYS}

@@ -20,7 +20,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 import torch
@@ -28,23 +28,15 @@ import torch
 from .. import __version__
 from ..errors import EmbdeployError, raise_all
 from .align import build_examples, is_causal, model_device
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .objectives import OBJECTIVES, make_objective, pad_id
+from .checkpoint import latest_checkpoint, load_checkpoint, recorded_settings, save_checkpoint
+from .config import DEFAULTS, STEPS_PER_TOKEN, TrainConfig, default_steps
+from .objectives import make_objective, pad_id
 from .texts import SYNTHETIC, harvest_contexts, read_texts, texts_digest
 
-# Defaults per objective: (steps, lr). Distillation defaults reach the goal in perf/README-train.md
-# on MiniLM (50 terms, 400 contexts) in about a minute on two CPU cores.
-DEFAULTS = {"distill": (300, 1e-2), "mlm": (300, 5e-3), "clm": (300, 5e-3)}
-# The default schedule scales with K: at least 3 steps per new token (batch 32: about 96 context
-# visits per row). Measured on MiniLM with K=1,000 suggested tokens (perf/README.md): 300 steps gave
-# held-out sentence cosine 0.946 mean / 0.525 min, 1,500 steps 0.961 / 0.644, 3,000 steps 0.963 / 0.891.
-STEPS_PER_TOKEN = 3
-DEFAULT_BATCH = 32
 WARMUP_FRACTION = 0.05
 # beta2 = 0.99 rather than 0.999: a row gets a gradient only in steps whose batch holds one of its
 # contexts, and the shorter second-moment memory adapts faster to those sparse, shrinking gradients.
 BETAS = (0.9, 0.99)
-MAX_CONTEXTS_PER_TOKEN = 64
 
 
 @dataclass
@@ -171,38 +163,6 @@ def _clip_rows(ext, max_norm: float) -> None:
             p.mul_(torch.clamp(max_norm / norms.clamp(min=1e-12), max=1.0))
 
 
-def _check_args(objective, steps, lr, batch_size, layer, pooled, checkpoint_every, checkpoint_dir, resume, loss, ext, world):
-    problems = []
-    if not ext.tokens:
-        problems.append("the extension has no new tokens; add a group (embdeploy extend) before training")
-    if objective not in OBJECTIVES:
-        problems.append(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if not isinstance(steps, int) or steps < 1:
-        problems.append(f"steps must be a positive integer, got {steps!r}")
-    if not (isinstance(lr, (int, float)) and 0 < lr < 10):
-        problems.append(f"lr must be a positive number below 10, got {lr!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        problems.append(f"batch size must be a positive integer, got {batch_size!r}")
-    elif batch_size < world:
-        problems.append(f"batch size {batch_size} is smaller than the {world} processes; each needs at least one example")
-    n_layers = getattr(ext.model.config, "num_hidden_layers", None) or getattr(ext.model.config, "n_layer", None)
-    if n_layers is not None and layer != -1 and not -(n_layers + 1) <= layer <= n_layers:
-        problems.append(f"layer {layer} does not exist: the model has hidden states 0..{n_layers} (or -1 for the last)")
-    if pooled and objective != "distill":
-        problems.append("pooled=True applies to objective 'distill' only")
-    if pooled and layer != -1:
-        problems.append(f"layer {layer} applies to token-level distillation; pooled=True matches the pooled output (pass pooled=False)")
-    if loss not in ("mse", "cos"):
-        problems.append(f"loss must be 'mse' or 'cos', got {loss!r}")
-    if checkpoint_every and not checkpoint_dir:
-        problems.append("checkpoint_every needs checkpoint_dir (CLI: --checkpoint-dir DIR)")
-    if checkpoint_every < 0:
-        problems.append(f"checkpoint_every must be >= 0, got {checkpoint_every}")
-    if resume and not checkpoint_dir:
-        problems.append("resume needs checkpoint_dir: the directory the interrupted run wrote its checkpoints to")
-    raise_all(problems, "cannot train:")
-
-
 def _unsupported_forward(ext, e: Exception) -> EmbdeployError:
     # e.g. T5 needs decoder inputs: the model cannot run on input_ids + attention_mask alone.
     return EmbdeployError(
@@ -212,56 +172,32 @@ def _unsupported_forward(ext, e: Exception) -> EmbdeployError:
     )
 
 
-def train(
-    ext,
-    texts,
-    objective: str = "distill",
-    steps: int | None = None,
-    lr: float | None = None,
-    batch_size: int = DEFAULT_BATCH,
-    layer: int = -1,
-    pooled: bool | None = None,
-    seed: int = 0,
-    checkpoint_dir=None,
-    checkpoint_every: int = 0,
-    resume: bool = False,
-    progress: bool = True,
-    *,
-    eval_texts=None,
-    loss: str = "mse",
-    max_contexts_per_token: int = MAX_CONTEXTS_PER_TOKEN,
-    console=None,
-    device=None,
-) -> TrainRecord:
+def train(ext, texts, config: TrainConfig | None = None, *, eval_texts=None, progress: bool = True, console=None,
+          **settings) -> TrainRecord:
     """Train the extension rows of `ext` in place; return (and append to ext.training_records) the record.
 
     texts           training texts: a list of strings, or a path for `read_texts`
-    objective       'distill' (any model), 'mlm' (fill-mask), 'clm' (causal LM)
-    steps, lr       default per objective (DEFAULTS); lr follows warm-up + cosine decay
-    batch_size      global batch (split over processes under torch.distributed)
-    layer           distill, token level: the hidden state to match (-1 = the last output)
-    pooled          distill: match the pooled sentence embedding (1 - cos) instead of token states;
-                    None (default) = True where the model has sentence-transformers pooling (info.pooling)
-    checkpoint_dir  where checkpoints go every `checkpoint_every` steps (and at the end)
-    resume          continue from the newest checkpoint in checkpoint_dir
-    eval_texts      held-out texts: `evaluate` runs before and after, both kept in the record
-    loss            distill: 'mse' or 'cos' (1 - cosine) per aligned position
-    device          'cpu', 'cuda', 'cuda:N' or None (default): the GPU when torch sees one (under
-                    torch.distributed, cuda:LOCAL_RANK), else the CPU. The model is moved there for
-                    the run and back to where it was afterwards.
+    config          a TrainConfig (default: TrainConfig()); `settings` are its fields by keyword and
+                    override it: train(ext, texts, steps=600, lr=5e-3)
+    eval_texts      held-out texts (a list or a path): `evaluate` runs before and after, both kept in the record
+    progress        show a progress bar on `console` (default: stderr)
+
+    The model is moved to config.device for the run and back to where it was afterwards.
     """
+    if config is None:
+        config = TrainConfig(**settings)
+    elif not isinstance(config, TrainConfig):
+        raise TypeError(f"train() takes a TrainConfig as its third argument, got {type(config).__name__}; "
+                        "pass settings by keyword (train(ext, texts, steps=...)) or as TrainConfig(...)")
+    elif settings:
+        config = replace(config, **settings)
     rank, world = _dist()
-    device = resolve_device(device)
-    d_steps, d_lr = DEFAULTS.get(objective, (300, 1e-3))
-    schedule = []
-    if steps is None:
-        steps = default_steps(objective, ext.K)
-        schedule.append(f"steps: {steps} (the default for K={ext.K}: {STEPS_PER_TOKEN} per new token, at least "
-                        f"{d_steps}; pass --steps to choose)")
-    lr = d_lr if lr is None else lr
-    if pooled is None:
-        pooled = objective == "distill" and bool(ext.base_info.pooling)
-    _check_args(objective, steps, lr, batch_size, layer, pooled, checkpoint_every, checkpoint_dir, resume, loss, ext, world)
+    device = resolve_device(config.device)
+    notes = []
+    if config.steps is None:
+        notes.append(f"steps: {default_steps(config.objective, ext.K)} (the default for K={ext.K}: {STEPS_PER_TOKEN} "
+                     f"per new token, at least {DEFAULTS[config.objective][0]}; pass --steps to choose)")
+    config = config.resolved(ext, world)
     if not isinstance(texts, (list, tuple)):
         texts = read_texts(texts)
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
@@ -273,16 +209,10 @@ def train(
     home = model_device(ext.model)
     ext.model.to(device)
     try:
-        return _train(ext, texts, objective, steps, lr, batch_size, layer, pooled, seed, checkpoint_dir,
-                      checkpoint_every, resume, progress, eval_texts, loss, max_contexts_per_token, console, device,
-                      rank, world, first_notes=schedule)
+        return _train(ext, texts, eval_texts, config, device=device, rank=rank, world=world,
+                      show=progress and rank == 0, console=console or _console(), notes=notes)
     finally:
         ext.model.to(home)
-
-
-def default_steps(objective: str, K: int) -> int:
-    """Steps `train` runs when none are given: the objective's default, or STEPS_PER_TOKEN per new token if more."""
-    return max(DEFAULTS.get(objective, (300, 1e-3))[0], STEPS_PER_TOKEN * K)
 
 
 def resolve_device(device=None) -> torch.device:
@@ -307,20 +237,17 @@ def resolve_device(device=None) -> torch.device:
     return dev
 
 
-def _train(ext, texts, objective, steps, lr, batch_size, layer, pooled, seed, checkpoint_dir, checkpoint_every, resume,
-           progress, eval_texts, loss, max_contexts_per_token, console, device, rank, world,
-           first_notes=()) -> TrainRecord:
-    torch.manual_seed(seed)
+def _train(ext, texts, eval_texts, cfg: TrainConfig, *, device, rank, world, show, console, notes) -> TrainRecord:
+    """The run itself, with `cfg` resolved (steps, lr and pooled set) and checked against `ext`."""
+    torch.manual_seed(cfg.seed)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    console = console or _console()
-    show = progress and rank == 0
 
     try:
         causal = is_causal(ext.model)
     except (ValueError, TypeError) as e:
         raise _unsupported_forward(ext, e) from None
-    contexts = harvest_contexts(ext, texts, max_per_token=max_contexts_per_token, seed=seed)
+    contexts = harvest_contexts(ext, texts, max_per_token=cfg.max_contexts_per_token, seed=cfg.seed)
     examples = [e for e in build_examples(ext, contexts.texts, causal) if e.new_positions]
     # A token whose every context lost it to truncation gets synthetic ones too, and is reported.
     seen = {i for e in examples for p in e.new_positions for i in (e.student_ids[p],)}
@@ -330,18 +257,15 @@ def _train(ext, texts, objective, steps, lr, batch_size, layer, pooled, seed, ch
         extra = [s.format(t=t) for t in lost for s in SYNTHETIC]
         examples += [e for e in build_examples(ext, extra, causal) if e.new_positions]
     try:
-        obj = make_objective(objective, ext, examples, causal, pad_id(ext.tokenizer), layer=layer, pooled=pooled, loss=loss)
+        obj = make_objective(cfg.objective, ext, examples, causal, pad_id(ext.tokenizer), layer=cfg.layer, pooled=cfg.pooled,
+                             loss=cfg.loss)
     except (ValueError, TypeError) as e:
         raise _unsupported_forward(ext, e) from None
     params = obj.parameters()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=BETAS)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=BETAS)
     data_sha = texts_digest(texts)
-    settings = {
-        "objective": objective, "steps": steps, "lr": lr, "batch_size": batch_size, "layer": layer,
-        "pooled": pooled, "loss": loss, "seed": seed, "data_sha256": data_sha,
-        "tokens": ext.tokens, "base_fingerprint": ext.base_fingerprint, "max_contexts_per_token": max_contexts_per_token,
-    }
-    notes = list(first_notes)
+    # what the rows are learned from, beside the config: a resume must find the same
+    data = {"data_sha256": data_sha, "tokens": ext.tokens, "base_fingerprint": ext.base_fingerprint}
     if notes and show:
         console.print(f"[dim]{notes[0]}[/]")
     if contexts.without_context:
@@ -353,12 +277,15 @@ def _train(ext, texts, objective, steps, lr, batch_size, layer, pooled, seed, ch
             console.print(f"[yellow]warning:[/] {notes[-1]}")
 
     start, history, elapsed_before, eval_before, resumed_from = 0, [], 0.0, None, None
-    if resume:
-        cp = latest_checkpoint(checkpoint_dir)
+    if cfg.resume:
+        cp = latest_checkpoint(cfg.checkpoint_dir)
         if cp is None:
-            raise EmbdeployError(f"no checkpoint in {checkpoint_dir}; run without --resume to start training")
+            raise EmbdeployError(f"no checkpoint in {cfg.checkpoint_dir}; run without --resume to start training")
         state = load_checkpoint(cp, ext, opt)
-        mismatched = [f"{k}: checkpoint {state['settings'].get(k)!r}, now {v!r}" for k, v in settings.items() if state["settings"].get(k) != v]
+        was, was_data = recorded_settings(state, cp)
+        then = {**was.learning_settings(), **was_data}
+        mismatched = [f"{k}: checkpoint {then.get(k)!r}, now {v!r}"
+                      for k, v in {**cfg.learning_settings(), **data}.items() if then.get(k) != v]
         raise_all(mismatched, f"checkpoint {cp} was written by a run with other settings; resume with the same ones or start fresh:")
         start, history = state["step"], state.get("losses", [])
         elapsed_before, eval_before, resumed_from = state.get("time_s", 0.0), state.get("eval_before"), start
@@ -381,16 +308,16 @@ def _train(ext, texts, objective, steps, lr, batch_size, layer, pooled, seed, ch
         from torch.nn.parallel import DistributedDataParallel
 
         module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = _Sampler([len(e.student_ids) for e in examples], batch_size, seed)
-    scale = world / batch_size
+    sampler = _Sampler([len(e.student_ids) for e in examples], cfg.batch_size, cfg.seed)
+    scale = world / cfg.batch_size
     clip = float(ext.base_table().norm(dim=1).max()) if ext.head_mode == "tied" else None
     tokens_seen, t_loop = 0, time.perf_counter()
 
     def checkpoint(step):
         if rank == 0:
-            state = {"settings": settings, "losses": history, "eval_before": eval_before,
+            state = {"config": cfg.to_dict(), "data": data, "losses": history, "eval_before": eval_before,
                      "time_s": elapsed_before + time.perf_counter() - t0}
-            save_checkpoint(checkpoint_dir, step, ext, opt, state)
+            save_checkpoint(cfg.checkpoint_dir, step, ext, opt, state)
         if world > 1:
             import torch.distributed as dist
 
@@ -399,12 +326,12 @@ def _train(ext, texts, objective, steps, lr, batch_size, layer, pooled, seed, ch
     bar = _progress(console, show)
     try:
         with _eval_mode(ext.model), bar:
-            task = bar.add_task("training", total=steps, completed=start, loss=float("nan"), tps=0.0)
-            for step in range(start, steps):
+            task = bar.add_task("training", total=cfg.steps, completed=start, loss=float("nan"), tps=0.0)
+            for step in range(start, cfg.steps):
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(step, steps, lr)
+                    g["lr"] = lr_at(step, cfg.steps, cfg.lr)
                 items = sampler.batch(step)[rank::world]
-                value, n_tok = obj.loss(module, items, step, seed, scale)
+                value, n_tok = obj.loss(module, items, step, cfg.seed, scale)
                 value.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -421,16 +348,16 @@ def _train(ext, texts, objective, steps, lr, batch_size, layer, pooled, seed, ch
                 tokens_seen += int(stats[1])
                 tps = tokens_seen / max(time.perf_counter() - t_loop, 1e-9)
                 bar.update(task, advance=1, loss=history[-1], tps=tps)
-                if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                     checkpoint(step + 1)
     except KeyboardInterrupt:
         if show:
-            last = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+            last = latest_checkpoint(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
             where = f"; the last checkpoint is {last} (continue with --resume)" if last else ""
             console.print(f"[yellow]interrupted[/]{where}")
         raise
-    if checkpoint_dir and start < steps:
-        checkpoint(steps)
+    if cfg.checkpoint_dir and start < cfg.steps:
+        checkpoint(cfg.steps)
     ext.verify_base()
 
     loop_time = time.perf_counter() - t_loop
@@ -439,8 +366,8 @@ def _train(ext, texts, objective, steps, lr, batch_size, layer, pooled, seed, ch
         eval_after = evaluator.run().to_json()
     tail = history[-min(10, len(history)):] if history else []
     record = TrainRecord(
-        objective=objective, steps=steps, lr=lr, batch_size=batch_size, layer=layer, pooled=pooled, loss_kind=loss,
-        seed=seed, first_loss=history[0] if history else None, final_loss=(sum(tail) / len(tail)) if tail else None,
+        objective=cfg.objective, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, layer=cfg.layer, pooled=cfg.pooled, loss_kind=cfg.loss,
+        seed=cfg.seed, first_loss=history[0] if history else None, final_loss=(sum(tail) / len(tail)) if tail else None,
         data_sha256=data_sha, texts=len(texts), contexts=len(examples),
         tokens_without_context=list(contexts.without_context),
         time_s=round(elapsed_before + time.perf_counter() - t0, 3),
