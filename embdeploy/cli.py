@@ -519,15 +519,24 @@ def serve(
     keep_alive: float = typer.Option(5.0, help="Seconds an idle keep-alive connection stays open."),
     max_connections: int = typer.Option(1000, help="Open connections at most; more are closed at once."),
     api_key: Optional[list[str]] = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY` (repeatable; also $EMBDEPLOY_API_KEYS, comma-separated, which keeps keys out of the process list). /health and /healthz stay open."),
+    batching: bool = typer.Option(True, "--batching/--no-batching", help="Coalesce concurrent requests into shared ONNX Runtime runs; --no-batching runs one request per run (for comparison)."),
+    batch_size: int = typer.Option(32, help="Most texts in one ONNX Runtime run."),
+    max_batch_tokens: int = typer.Option(8192, help="Most padded tokens (texts x longest) in one run; a longer text runs alone."),
+    max_wait_ms: float = typer.Option(2.0, help="Milliseconds a run may wait for requests still arriving (a lone request never waits)."),
+    max_queue: int = typer.Option(1024, help="Texts waiting for a run at most; more gets 503 with Retry-After."),
+    request_timeout: float = typer.Option(30.0, help="Seconds a request may take from queue to answer (else 503 if still queued, 504 if running)."),
 ):
     """Serve an export over HTTP: POST /v1/encode, POST /v1/embeddings, GET /healthz, GET /v1/metadata (needs the `serve` extra: pip install "embdeploy[serve]")."""
+    from .runtime.batching import BatchConfig
     from .runtime.serve import serve as run_server
 
     keys = list(api_key or []) + [k.strip() for k in os.environ.get("EMBDEPLOY_API_KEYS", "").split(",") if k.strip()]
     run_server(onnx_dir, host=host, port=port, providers=providers, threads=threads,
                extension=extension, max_batch=max_batch, max_chars=max_chars, header_timeout=header_timeout,
                body_timeout=body_timeout, keep_alive=keep_alive, max_connections=max_connections,
-               api_keys=keys or None)
+               api_keys=keys or None,
+               batching=BatchConfig(enabled=batching, max_batch_texts=batch_size, max_batch_tokens=max_batch_tokens,
+                                    max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout=request_timeout))
 
 
 # ------------------------------------------------------------------------------------------ quickstart

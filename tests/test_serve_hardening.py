@@ -178,13 +178,13 @@ def test_an_oversized_response_is_refused_before_the_model_runs(exports):
 
     session = Session(exports.swap, providers="cpu")
     calls = []
-    real = Session.encode
+    real = Session.run
 
     def spy(self, *a, **kw):
         calls.append(1)
         return real(self, *a, **kw)
 
-    Session.encode = spy
+    Session.run = spy
     try:
         client = TestClient(create_app(session, max_values=500))
         r = client.post("/v1/encode", json={"texts": ["the troponin rose"] * 4, "output": "last_hidden_state"})
@@ -193,4 +193,4 @@ def test_an_oversized_response_is_refused_before_the_model_runs(exports):
         r = client.post("/v1/encode", json={"texts": ["a"], "output": "last_hidden_state"})
         assert r.status_code == 200 and calls == [1]
     finally:
-        Session.encode = real
+        Session.run = real

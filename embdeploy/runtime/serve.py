@@ -24,15 +24,23 @@ Connections are bounded: request headers must arrive within `header_timeout`
 seconds of the connection (or of the previous response), the body within
 `body_timeout`, idle keep-alive connections close after `keep_alive` seconds, and
 at most `max_connections` are open at once (a slowloris of hundreds of sockets
-is dropped, and /healthz keeps answering). The model runs in a worker thread, one
-request per `Session.encode` call, so a response is exactly what
-`session.encode(texts)` returns for the same texts.
+is dropped, and /healthz keeps answering).
+
+Each text is tokenized once, in a worker thread; the model runs in the batcher's
+runner threads (runtime/batching.py), never on the event loop: concurrent requests
+for pooled outputs share ONNX Runtime runs (an answer equals `session.encode` of the
+request alone within the validation tolerance), per-token outputs and every request
+with batching off run alone, exactly as `session.encode` runs them. The queue is
+bounded: when it is full, or a request waits past `request_timeout`, the answer is a
+503 with Retry-After. On SIGTERM uvicorn stops accepting connections, every request
+in flight or queued is answered, then the process exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import json
 import logging
@@ -43,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EmbdeployError
+from .batching import Batcher, BatchConfig, QueueFull, RequestTimedOut
 from .session import Session, lone_surrogate
 
 log = logging.getLogger(__name__)
@@ -63,9 +72,9 @@ MAX_CONNECTIONS = 1000  # open connections; more are closed at once
 class RequestError(Exception):
     """A client error: HTTP status and a message that says what to send instead."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers=None):
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers
 
 
 def _starlette():
@@ -81,16 +90,17 @@ def create_app(
     session: Session,
     max_batch: int = MAX_BATCH,
     max_chars: int = MAX_CHARS,
-    batch_size: int = 32,
     max_values: int = MAX_VALUES,
     body_timeout: float = BODY_TIMEOUT,
     api_keys=None,
+    batching: BatchConfig | None = None,
 ):
     """A Starlette (ASGI) app serving `session`; see the module docstring for the routes and limits.
 
     `api_keys`: when given, every route but the health checks needs `Authorization: Bearer KEY` with
     one of them (401 otherwise). Prometheus metrics are served at GET /metrics from a registry of the
-    app's own (never the process-wide default).
+    app's own (never the process-wide default). `batching`: how requests share ONNX Runtime runs
+    (BatchConfig; default: batching on, its defaults).
     """
     _starlette()
     from starlette.applications import Starlette
@@ -99,10 +109,13 @@ def create_app(
     from starlette.responses import Response
     from starlette.routing import Route
 
-    for name, value in (("max_batch", max_batch), ("max_chars", max_chars), ("batch_size", batch_size),
-                        ("max_values", max_values)):
+    for name, value in (("max_batch", max_batch), ("max_chars", max_chars), ("max_values", max_values)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise EmbdeployError(f"{name} must be a positive integer, got {value!r}")
+    batching = _batch_config(batching)
+    if batching.max_queue < max_batch:
+        raise EmbdeployError(f"max_queue ({batching.max_queue} texts) is less than max_batch ({max_batch} texts per "
+                             "request): a full request could never be queued; raise --max-queue or lower --max-batch")
     max_body = max_batch * max_chars * _JSON_BYTES_PER_CHAR + (64 << 10)
 
     def reply(payload, status: int = 200) -> Response:
@@ -113,8 +126,10 @@ def create_app(
             status, body = 500, json.dumps(payload)
         return Response(body, status_code=status, media_type="application/json")
 
-    def error(status: int, message: str, kind: str) -> Response:
-        return reply({"error": {"message": message, "type": kind}}, status)
+    def error(status: int, message: str, kind: str, headers=None) -> Response:
+        response = reply({"error": {"message": message, "type": kind}}, status)
+        response.headers.update(headers or {})
+        return response
 
     async def read_json(request) -> dict:
         ctype = request.headers.get("content-type", "")
@@ -180,39 +195,72 @@ def create_app(
 
     widths = {"sentence_embedding": 1, "pooler_output": 1}
     metrics = _Metrics()
+    batcher = Batcher(batching, session.metadata()["inputs"], metrics)
+    chunk = batching.max_batch_texts
 
-    def predicted_values(output: str, enc: dict) -> int:
-        """Numbers the response will hold, from the tokenized batch (before the model runs)."""
-        B, S = enc["input_ids"].shape
+    def predicted_values(output: str, rows) -> int:
+        """Numbers the response will hold, from the tokenized texts (before the model runs)."""
+        S = max(len(r.ids) for r in rows)
         last = (session.V + session.K) if output == "logits" else session.H
-        return B * last * (1 if widths.get(output) else S)
+        return len(rows) * last * (1 if widths.get(output) else S)
 
-    async def encode_with(texts: list[str], output: str, max_length):
+    def busy(e: Exception, status: int = 503) -> RequestError:
+        retry = getattr(e, "retry_after", 1)
+        return RequestError(status, str(e), "server_error", headers={"Retry-After": str(retry)})
+
+    async def encode_with(texts: list[str], output: str, max_length, truncate: bool = True):
+        """(values, rows, pinned session) of `output` for `texts`: tokenized once, run through the batcher.
+
+        truncate=False refuses a text over the model's length limit (TEI's default) instead of cutting it.
+        """
         pinned = session.snapshot()  # the numbers and the fingerprint reported with them come from one table
+        try:
+            batcher.check_room(len(texts))  # refuse before any tokenizing when the queue is full
+        except QueueFull as e:
+            raise busy(e) from None
 
-        def work():  # in a worker thread: tokenizing is CPU work too, and must not stall the event loop
-            enc = pinned.tokenize(texts, max_length=max_length)
-            n = predicted_values(output, enc)
+        def prepare():  # in a worker thread: tokenizing is CPU work too, and must not stall the event loop
+            rows = pinned.tokenize_each(texts, max_length=max_length)
+            n = predicted_values(output, rows)
             if n > max_values:
                 raise RequestError(
                     413, f"the response would hold {n} numbers ({output} for {len(texts)} texts of up to "
-                    f"{enc['input_ids'].shape[1]} tokens), the limit is {max_values}; send fewer or shorter texts, "
-                    "or pass max_length"
+                    f"{max(len(r.ids) for r in rows)} tokens), the limit is {max_values}; send fewer or shorter "
+                    "texts, or pass max_length"
                 )
-            return pinned.encode(texts, batch_size=batch_size, max_length=max_length, outputs=[output])
+            limit = pinned.max_length
+            if not truncate and limit is not None:
+                long = [(i, r.length) for i, r in enumerate(rows) if r.length > limit]
+                if long:
+                    i, n = long[0]
+                    raise RequestError(413, f"inputs[{i}] has {n} tokens, the model takes at most {limit}; shorten "
+                                            'it, or send "truncate": true')
+            return rows
 
-        try:
-            result = await run_in_threadpool(work)
-        except EmbdeployError as e:
-            raise RequestError(422, _hide_paths(str(e), session)) from None
-        values = result[output]
+        with batcher.arrival() as arrival:
+            try:
+                rows = await run_in_threadpool(prepare)
+                values = await batcher.submit(pinned, (None, pinned.extension_fingerprint), rows, output,
+                                              pooled=output in widths, arrival=arrival)
+            except EmbdeployError as e:
+                raise RequestError(422, _hide_paths(str(e), session)) from None
+            except QueueFull as e:
+                raise busy(e) from None
+            except RequestTimedOut as e:
+                raise busy(e, 504 if e.running else 503) from None
         if values.size > max_values:
             raise RequestError(
                 413, f"the response would hold {values.size} numbers ({output} {list(values.shape)}), the limit is "
                 f"{max_values}; send fewer or shorter texts, or pass max_length"
             )
         metrics.texts.inc(len(texts))
-        return result, values, pinned
+        return values, rows, pinned
+
+    def attention_mask(pinned, rows) -> np.ndarray:
+        """The mask Session.encode returns for these texts: its runs' masks, padded to the longest."""
+        masks = [pinned.pad(rows[i:i + chunk])["attention_mask"] for i in range(0, len(rows), chunk)]
+        S = max(m.shape[1] for m in masks)
+        return np.concatenate([np.pad(m, [(0, 0), (0, S - m.shape[1])]) for m in masks], axis=0)
 
     async def healthz(request):
         return reply({"status": "ok", "mode": session.mode, "K": session.K})
@@ -239,12 +287,12 @@ def create_app(
         max_length = data.get("max_length")
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
             raise RequestError(422, f"max_length must be a positive integer, got {json.dumps(max_length)}")
-        result, values, pinned = await encode_with(texts, output, max_length)
+        values, rows, pinned = await encode_with(texts, output, max_length)
         return reply({
             "output": output,
             "shape": list(values.shape),
             "data": values.tolist(),
-            "attention_mask": result["attention_mask"].tolist(),
+            "attention_mask": attention_mask(pinned, rows).tolist(),
             "K": pinned.K,
             "extension_fingerprint": pinned.metadata()["extension_fingerprint"],
         })
@@ -276,8 +324,8 @@ def create_app(
             if data.get(name) is not None and not isinstance(data[name], str):
                 raise RequestError(422, f"{name} must be a string, got a JSON {_json_type(data[name])}")
         model = data.get("model")
-        result, values, _ = await encode_with(texts, "sentence_embedding", None)
-        tokens = int(result["attention_mask"].sum())
+        values, rows, _ = await encode_with(texts, "sentence_embedding", None)
+        tokens = sum(len(r.ids) for r in rows)
         if fmt == "base64":  # little-endian float32 bytes, as the official client decodes them
             rows = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii") for v in values]
         else:
@@ -313,22 +361,14 @@ def create_app(
         for k, v in flags.items():
             if not isinstance(v, bool):
                 raise RequestError(422, f"{k} must be true or false, got {json.dumps(v)}")
-        limit = session.max_length
-        if not flags["truncate"] and limit is not None:
-            lengths = session.token_counts(texts)
-            long = [(i, n) for i, n in enumerate(lengths) if n > limit]
-            if long:
-                i, n = long[0]
-                raise RequestError(413, f"inputs[{i}] has {n} tokens, the model takes at most {limit}; shorten it, "
-                                        'or send "truncate": true')
-        _, values, _ = await encode_with(texts, "sentence_embedding", None)
+        values, _, _ = await encode_with(texts, "sentence_embedding", None, truncate=flags["truncate"])
         values = values.astype(np.float64)
         if flags["normalize"]:
             values = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
         return reply(values.astype(np.float32).tolist())
 
     async def on_request_error(request, exc: RequestError):
-        return error(exc.status, exc.message, exc.kind)
+        return error(exc.status, exc.message, exc.kind, exc.headers)
 
     async def on_http_error(request, exc: HTTPException):
         if exc.status_code == 404:
@@ -344,7 +384,13 @@ def create_app(
         log.exception("request to %s failed", request.url.path)
         return error(500, f"internal error ({type(exc).__name__}); the server keeps running, see its log", "server_error")
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(batcher.close)  # uvicorn has answered every request by now: nothing is dropped
+
     app = Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/v1/metadata", metadata, methods=["GET"]),
@@ -359,6 +405,7 @@ def create_app(
     )
     app.state.session = session
     app.state.metrics = metrics
+    app.state.batcher = batcher
     app.add_route("/metrics", metrics.endpoint, methods=["GET"])
     keys = [k for k in (api_keys or []) if k]
     if api_keys is not None and not keys:
@@ -386,6 +433,26 @@ class _Metrics:
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.in_flight = Gauge("embdeploy_requests_in_flight", "Requests being handled", registry=self.registry)
         self.texts = Counter("embdeploy_texts", "Texts encoded", registry=self.registry)
+        sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+        self.batch_texts = Histogram("embdeploy_batch_texts", "Texts per ONNX Runtime run", registry=self.registry,
+                                     buckets=sizes)
+        self.batch_requests = Histogram("embdeploy_batch_requests", "Requests sharing one ONNX Runtime run",
+                                        registry=self.registry, buckets=sizes)
+        self.queue = Gauge("embdeploy_queue_texts", "Texts waiting for a run", registry=self.registry)
+        self.tokens = Counter("embdeploy_tokens", "Tokens run through the model, padding excluded",
+                              registry=self.registry)
+        self.padding = Counter("embdeploy_padding_tokens", "Padding positions run through the model",
+                               registry=self.registry)
+
+    def batch(self, texts: int, requests: int, tokens: int, padded: int) -> None:
+        """One ONNX Runtime run of `texts` texts from `requests` requests, `padded` = texts x longest positions."""
+        self.batch_texts.observe(texts)
+        self.batch_requests.observe(requests)
+        self.tokens.inc(tokens)
+        self.padding.inc(padded - tokens)
+
+    def queued(self, texts: int) -> None:
+        self.queue.set(texts)
 
     async def endpoint(self, request):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -439,6 +506,40 @@ class _Guard:
 
 _KNOWN_ROUTES = ("/healthz", "/v1/metadata", "/v1/encode", "/v1/embeddings", "/embed", "/", "/info", "/health",
                  "/metrics")
+
+
+def _batch_config(batching) -> BatchConfig:
+    """A BatchConfig from None (the defaults), a BatchConfig, or a dict of its fields."""
+    if batching is None:
+        return BatchConfig()
+    if isinstance(batching, BatchConfig):
+        return batching
+    if isinstance(batching, dict):
+        from dataclasses import fields
+
+        known = [f.name for f in fields(BatchConfig)]
+        unknown = [k for k in batching if k not in known]
+        if unknown:
+            raise EmbdeployError(f"unknown batching option(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+        return BatchConfig(**batching)
+    raise EmbdeployError(f"batching must be a BatchConfig, a dict of its fields or None, got {type(batching).__name__}")
+
+
+@contextlib.contextmanager
+def _sigterm_is_a_clean_exit():
+    """uvicorn drains on SIGTERM, then raises the signal again with the handler it found: Python's
+    default would kill the drained process by the signal (exit -15); a no-op handler lets it return."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _version() -> str:
@@ -563,8 +664,12 @@ def serve(
     keep_alive: float = KEEP_ALIVE,
     max_connections: int = MAX_CONNECTIONS,
     api_keys=None,
+    batching: BatchConfig | None = None,
 ) -> None:
-    """Open a Session on `onnx_dir` and serve it with uvicorn until interrupted (Ctrl-C / SIGTERM)."""
+    """Open a Session on `onnx_dir` and serve it with uvicorn until interrupted (Ctrl-C / SIGTERM).
+
+    `batching`: a BatchConfig (or a dict of its fields); SIGTERM drains every request, then returns.
+    """
     _starlette()
     try:
         import uvicorn
@@ -578,12 +683,15 @@ def serve(
                         ("max_connections", max_connections)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise EmbdeployError(f"{name} must be a positive number, got {value!r}")
+    batching = _batch_config(batching)
     session = Session(onnx_dir, providers=providers, threads=threads, extension=extension)
-    app = create_app(session, max_batch=max_batch, max_chars=max_chars, body_timeout=body_timeout, api_keys=api_keys)
+    app = create_app(session, max_batch=max_batch, max_chars=max_chars, body_timeout=body_timeout, api_keys=api_keys,
+                     batching=batching)
     sock = bind_socket(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             http=guarded_protocol(header_timeout, int(max_connections)), timeout_keep_alive=keep_alive)
-    uvicorn.Server(config).run(sockets=[sock])
+    with _sigterm_is_a_clean_exit():
+        uvicorn.Server(config).run(sockets=[sock])
 
 
-__all__ = ["create_app", "serve", "RequestError", "MAX_BATCH", "MAX_CHARS", "MAX_VALUES"]
+__all__ = ["create_app", "serve", "RequestError", "BatchConfig", "MAX_BATCH", "MAX_CHARS", "MAX_VALUES"]

@@ -537,6 +537,46 @@ class Session:
         """{"input_ids", "attention_mask", "token_type_ids"} (batch, sequence) int64 for `texts`, padded."""
         return self._tokenize(self._state, _as_texts(texts), max_length)
 
+    def tokenize_each(self, texts, max_length: int | None = None) -> list["TokenRow"]:
+        """Each text's tokens, unpadded, truncated to `max_length` (default `self.max_length`).
+
+        `pad(tokenize_each(texts))` equals `tokenize(texts)`; a server tokenizes each text once
+        this way, checks sizes from the rows, and pads texts of many requests into one batch.
+        Each row also carries its count before truncation; only texts over the limit are tokenized twice.
+        """
+        texts, state = _as_texts(texts), self._state
+        limit = self._length_limit(max_length)
+        tok = self._text_tokenizer(state)
+        with state.tok_lock:
+            enc = tok(texts, add_special_tokens=True, truncation=False, padding=False,
+                      return_attention_mask=False, return_token_type_ids=True)
+            ids, types = enc["input_ids"], enc.get("token_type_ids")
+            lengths = [len(r) for r in ids]
+            long = [i for i, n in enumerate(lengths) if limit is not None and n > limit]
+            if long:
+                cut = tok([texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=limit,
+                          padding=False, return_attention_mask=False, return_token_type_ids=True)
+                for j, i in enumerate(long):
+                    ids[i] = cut["input_ids"][j]
+                    if types is not None:
+                        types[i] = cut["token_type_ids"][j]
+        empty = [i for i, r in enumerate(ids) if not r]
+        if empty:
+            raise EmbdeployError(f"texts[{empty[0]}] gives no tokens at all; pass non-empty text")
+        return [TokenRow(ids[i], None if types is None else types[i], lengths[i]) for i in range(len(ids))]
+
+    def pad(self, rows) -> dict[str, np.ndarray]:
+        """Rows from `tokenize_each` (of this session's tokenizer) as the padded arrays `tokenize` returns."""
+        if not rows:
+            raise EmbdeployError("rows is empty; pass at least one row from tokenize_each")
+        types = None if any(r.types is None for r in rows) else [r.types for r in rows]
+        return _pad(self._text_tokenizer(self._state), [r.ids for r in rows], types)
+
+    @property
+    def extension_fingerprint(self) -> str | None:
+        """The fingerprint of the extension rows in use (as metadata() reports it): equal fingerprints, equal rows."""
+        return self._state.fingerprint
+
     def encode(
         self,
         texts,
@@ -634,14 +674,17 @@ class Session:
             )
         return max_length
 
-    def _tokenize(self, state: _Tenant, texts: list[str], max_length) -> dict[str, np.ndarray]:
-        limit = self._length_limit(max_length)
-        tok = state.tokenizer
-        if tok is None:
+    def _text_tokenizer(self, state: _Tenant):
+        if state.tokenizer is None:
             raise EmbdeployError(
                 f"{self.path} holds no tokenizer (a base export?), so it cannot encode text; pass token ids to "
                 "run(), or open an export written by `embdeploy export` for an extension"
             )
+        return state.tokenizer
+
+    def _tokenize(self, state: _Tenant, texts: list[str], max_length) -> dict[str, np.ndarray]:
+        limit = self._length_limit(max_length)
+        tok = self._text_tokenizer(state)
         with state.tok_lock:  # transformers sets the backend's truncation on every call
             enc = tok(texts, add_special_tokens=True, truncation=limit is not None, max_length=limit,
                       padding=False, return_attention_mask=False, return_token_type_ids=True)
@@ -649,19 +692,7 @@ class Session:
         empty = [i for i, r in enumerate(rows) if not r]
         if empty:
             raise EmbdeployError(f"texts[{empty[0]}] gives no tokens at all; pass non-empty text")
-        B, S = len(rows), max(len(r) for r in rows)
-        pad = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
-        ids = np.full((B, S), pad, dtype=np.int64)
-        mask = np.zeros((B, S), dtype=np.int64)
-        tt = np.zeros((B, S), dtype=np.int64)
-        left = getattr(tok, "padding_side", "right") == "left"
-        for i, r in enumerate(rows):
-            span = slice(S - len(r), S) if left else slice(0, len(r))
-            ids[i, span] = r
-            mask[i, span] = 1
-            if types is not None:
-                tt[i, span] = types[i]
-        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt}
+        return _pad(tok, rows, types)
 
     def _role_feeds(self, given: dict, K: int) -> dict[str, np.ndarray]:
         """Checked arrays for every role the graph takes."""
@@ -720,6 +751,32 @@ class Session:
         if device_outputs:
             return dict(zip(names, binding.get_outputs()))
         return dict(zip(names, binding.copy_outputs_to_cpu()))
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """One text's tokens, unpadded (`Session.tokenize_each`): ids and token types after truncation."""
+
+    ids: list[int]
+    types: list[int] | None
+    length: int  # tokens before truncation, special tokens included
+
+
+def _pad(tok, rows: list, types) -> dict[str, np.ndarray]:
+    """(B, S) int64 input_ids, attention_mask, token_type_ids: rows padded to the longest, on the tokenizer's side."""
+    B, S = len(rows), max(len(r) for r in rows)
+    pad = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
+    ids = np.full((B, S), pad, dtype=np.int64)
+    mask = np.zeros((B, S), dtype=np.int64)
+    tt = np.zeros((B, S), dtype=np.int64)
+    left = getattr(tok, "padding_side", "right") == "left"
+    for i, r in enumerate(rows):
+        span = slice(S - len(r), S) if left else slice(0, len(r))
+        ids[i, span] = r
+        mask[i, span] = 1
+        if types is not None:
+            tt[i, span] = types[i]
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt}
 
 
 def _with_tables(state: _Tenant, tables: dict, rt: _Runtime) -> _Tenant:
