@@ -392,7 +392,7 @@ def export(
     quantize: Optional[Quantize] = typer.Option(None, help="int8: ONNX Runtime dynamic quantization of the MatMul weights (per channel) for the CPU; the embedding tables and LM head stay float, validated by cosine to PyTorch fp32."),
     provider: Optional[str] = typer.Option(None, help="Provider used for validation: cpu [default] or cuda."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the validation gate (the manifest then records validation: null)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Base export cache [default: $EMBDEPLOY_CACHE or ~/.cache/embdeploy]."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Base export cache, shared with `embdeploy quickstart` [default: $EMBDEPLOY_CACHE or ~/.cache/embdeploy]."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every validation probe, not one row per output."),
     base_model: Optional[str] = _base_model_option(),
@@ -550,13 +550,14 @@ def quickstart(
     eval_texts: Optional[Path] = typer.Option(None, help="Held-out texts [default: shipped with embdeploy]."),
     steps: Optional[int] = typer.Option(None, help="Training steps [default: train's default]."),
     bench_rounds: int = typer.Option(12, help="Benchmark rounds (30 for committed figures; 12 keeps the demo short)."),
-    fresh: bool = typer.Option(False, help="Delete WORKDIR first instead of reusing it."),
+    fresh: bool = typer.Option(False, help="Delete WORKDIR first instead of reusing it (a base export cache inside it is kept)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Base export cache, shared with `embdeploy export` [default: $EMBDEPLOY_CACHE or ~/.cache/embdeploy]."),
 ):
     """The whole pipeline on the built-in model: extend → train → eval → export (merged, split, swap) → validate → bench."""
     from .quickstart import run_quickstart
 
     run_quickstart(workdir, model=model, terms=terms, train_texts=texts, eval_texts=eval_texts, steps=steps,
-                   bench_rounds=bench_rounds, fresh=fresh, console=out)
+                   bench_rounds=bench_rounds, fresh=fresh, console=out, cache_dir=cache_dir)
 
 
 def main():  # pragma: no cover

@@ -28,6 +28,22 @@ def _is_quickstart_dir(wd: Path) -> bool:
     return (wd / WORKDIR_MARK).is_file() or (wd / "extension" / "extension.json").is_file()
 
 
+def _clear_workdir(wd: Path, keep: Path) -> None:
+    """Delete what is in `wd`, except `keep` (the base export cache, shared with `embdeploy export`) if it lies inside."""
+    import shutil
+
+    keep = keep.resolve()
+    for child in wd.iterdir():
+        if child.resolve() == keep:
+            continue
+        if child.is_dir() and not child.is_symlink() and keep.is_relative_to(child.resolve()):
+            _clear_workdir(child, keep)
+        elif child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
 def data_file(name: str) -> Path:
     return Path(str(resources.files("embdeploy") / "data" / name))
 
@@ -64,24 +80,25 @@ def _fmt_bytes(n: float) -> str:
 
 def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=None, train_texts=None,
                    eval_texts=None, steps: int | None = None, bench_rounds: int = 12, fresh: bool = False,
-                   console: Console | None = None) -> QuickstartResult:
+                   console: Console | None = None, cache_dir=None) -> QuickstartResult:
     from .export import export_extension, read_manifest
     from .extend.config import ExtensionConfig, read_token_file
     from .extend.model import Extension, load_extension
     from .models import load_base
     from .train import TrainConfig, read_texts, train
 
+    from .export.base import cache_root
+
     console = console or Console()
     wd = Path(workdir)
+    cache = cache_root(cache_dir)  # the one `embdeploy export` uses, so the base is exported once for both
     if fresh and wd.exists():
-        import shutil
-
         if not _is_quickstart_dir(wd):
             raise EmbdeployError(
                 f"--fresh deletes the work directory, and {wd} was not made by `embdeploy quickstart` "
                 f"(no {WORKDIR_MARK}); nothing was deleted. Choose another --workdir"
             )
-        shutil.rmtree(wd)
+        _clear_workdir(wd, cache)
     if wd.exists() and any(wd.iterdir()) and not _is_quickstart_dir(wd):
         raise EmbdeployError(
             f"{wd} holds files that `embdeploy quickstart` did not write (no {WORKDIR_MARK}); "
@@ -151,7 +168,8 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     # 3-4. export in every mode, each validated ------------------------------------------------
     _stage(console, 4, total, "export to ONNX in three modes (base exported once, then a graph rewrite)")
     t = time.perf_counter()
-    cache = wd / "cache"
+    console.print(f"base export cache: {cache} (shared with `embdeploy export`; move it with --cache-dir or "
+                  "$EMBDEPLOY_CACHE)", highlight=False, markup=False)
     for mode in MODES:
         out = wd / f"onnx-{mode}"
         if (out / "embdeploy.json").is_file():

@@ -17,7 +17,8 @@ def quickstart(workdir, *extra):
     p = subprocess.run(
         [sys.executable, "-m", "embdeploy", "quickstart", "--workdir", str(workdir), "--steps", "30",
          "--bench-rounds", "3", *extra],
-        capture_output=True, text=True, timeout=900, env=_env(),
+        capture_output=True, text=True, timeout=900,
+        env={**_env(), "EMBDEPLOY_CACHE": str(workdir.parent / "cache")},  # the shared cache, kept out of $HOME
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout + p.stderr
