@@ -420,3 +420,31 @@ def test_a_queue_smaller_than_one_request_is_refused(session):
 
     with pytest.raises(EmbdeployError, match=r"max_queue \(8 texts\) is less than max_batch \(64 texts per request\)"):
         create_app(session, batching={"max_queue": 8})
+
+
+def test_accepted_connections_send_without_nagle_delay():
+    """The listening socket says it is TCP, so asyncio sets TCP_NODELAY on every accepted connection:
+    without it a response body waited ~40 ms behind its headers (Nagle's algorithm and delayed ACKs)."""
+    import asyncio
+
+    from embdeploy.runtime.serve import bind_socket
+
+    async def accept_one():
+        seen = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        listener = bind_socket(HOST, 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        _, writer = await asyncio.open_connection(HOST, listener.getsockname()[1])
+        try:
+            return await asyncio.wait_for(seen, 30)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accept_one()) != 0
