@@ -12,6 +12,7 @@ written to `.NAME.partial-*` first and renamed at the end; a failed validation
     extension.onnx.data   split/swap: the (K, H) extension table(s)
     tokenizer files       the extended tokenizer
     config.json           the base config with vocab_size = V + K
+    modules.json, 1_Pooling/, sentence_bert_config.json   sentence-transformers bases: see st_layout
     embdeploy.json        mode, shapes, fingerprints, sha256 of every file, the validation report
 """
 
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 from ..errors import EmbdeployError, FingerprintMismatch
 from ..fsutil import atomic_output_dir, check_output_dir
 from ..models import save_tokenizer
+from .st_layout import write_st_layout
 from .manifest import (
     CREATED_BY, FORMAT_VERSION, KIND, MANIFEST, digests, dtype_name, publishable, read_manifest, short_dtype,
     verify_dir, write_manifest,
@@ -172,6 +174,7 @@ def export_extension(
         config = copy.deepcopy(ext.model.config)
         config.vocab_size = ext.V + ext.K
         config.save_pretrained(str(tmp))
+        write_st_layout(tmp, ext.base_info.path, ext.base_info.pooling if _task(ext) == "feature-extraction" else None, say)
         manifest = _manifest(ext, mode, dtype, tmp, base_path, extension_dir, roles, cache)
         if quantize:
             from .quantize import scheme
