@@ -525,18 +525,33 @@ def serve(
     max_wait_ms: float = typer.Option(2.0, help="Milliseconds a run may wait for requests still arriving (a lone request never waits)."),
     max_queue: int = typer.Option(1024, help="Texts waiting for a run at most; more gets 503 with Retry-After."),
     request_timeout: float = typer.Option(30.0, help="Seconds a request may take from queue to answer (else 503 if still queued, 504 if running)."),
+    tenant: Optional[list[str]] = typer.Option(None, "--tenant", help="NAME=EXT_DIR: serve that extension's vocabulary over the swap export as model NAME (repeatable). Requests pick it with their `model` field; without one they get the export's own table."),
+    tenants_file: Optional[Path] = typer.Option(None, help='Tenants from a file: JSON {"NAME": "EXT_DIR", ...} or NAME=EXT_DIR lines (paths relative to the file).'),
+    admin_key: Optional[list[str]] = typer.Option(None, "--admin-key", help="Open PUT/DELETE /admin/tenants/NAME (add and remove tenants while serving) to `Authorization: Bearer KEY` (repeatable; also $EMBDEPLOY_ADMIN_KEYS) [default: admin routes off]."),
 ):
     """Serve an export over HTTP: POST /v1/encode, POST /v1/embeddings, GET /healthz, GET /v1/metadata (needs the `serve` extra: pip install "embdeploy[serve]")."""
+    from .errors import EmbdeployError
     from .runtime.batching import BatchConfig
     from .runtime.serve import serve as run_server
+    from .runtime.tenants import parse_tenant_args, read_tenants_file
 
     keys = list(api_key or []) + [k.strip() for k in os.environ.get("EMBDEPLOY_API_KEYS", "").split(",") if k.strip()]
+    admins = list(admin_key or []) + [k.strip() for k in os.environ.get("EMBDEPLOY_ADMIN_KEYS", "").split(",") if k.strip()]
+    tenants = parse_tenant_args(tenant)
+    if tenants_file is not None:
+        from_file = read_tenants_file(tenants_file)
+        twice = sorted(set(tenants) & set(from_file))
+        if twice:
+            raise EmbdeployError(f"tenant(s) {', '.join(map(repr, twice))} given by --tenant and in {tenants_file}; "
+                                 "name each tenant once")
+        tenants.update(from_file)
     run_server(onnx_dir, host=host, port=port, providers=providers, threads=threads,
                extension=extension, max_batch=max_batch, max_chars=max_chars, header_timeout=header_timeout,
                body_timeout=body_timeout, keep_alive=keep_alive, max_connections=max_connections,
                api_keys=keys or None,
                batching=BatchConfig(enabled=batching, max_batch_texts=batch_size, max_batch_tokens=max_batch_tokens,
-                                    max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout=request_timeout))
+                                    max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout=request_timeout),
+               tenants=tenants or None, admin_keys=admins or None)
 
 
 # ------------------------------------------------------------------------------------------ quickstart

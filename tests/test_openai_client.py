@@ -82,8 +82,9 @@ def test_api_keys_and_metrics(tmp_path_factory):
         assert resp.status == 200
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for fam in text_string_to_metric_families(text) for s in fam.samples}
-        assert samples[("embdeploy_requests_total", (("route", "/v1/embeddings"), ("status", "200")))] == 1
-        assert samples[("embdeploy_requests_total", (("route", "/v1/embeddings"), ("status", "401")))] == 1
+        model = ("model", exports.swap.name)  # the one model answers every name the client sends
+        assert samples[("embdeploy_requests_total", (model, ("route", "/v1/embeddings"), ("status", "200")))] == 1
+        assert samples[("embdeploy_requests_total", (("model", ""), ("route", "/v1/embeddings"), ("status", "401")))] == 1
         assert samples[("embdeploy_texts_total", ())] == 2
         assert samples[("embdeploy_request_seconds_count", (("route", "/v1/embeddings"),))] == 1
     finally:

@@ -45,6 +45,7 @@ import errno
 import json
 import logging
 import socket
+import time
 
 from pathlib import Path
 
@@ -53,6 +54,7 @@ import numpy as np
 from ..errors import EmbdeployError
 from .batching import Batcher, BatchConfig, QueueFull, RequestTimedOut
 from .session import Session, lone_surrogate
+from .tenants import Tenants, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,9 @@ MAX_BATCH = 64
 MAX_CHARS = 20_000  # per text; tokens past the model's max_length are truncated anyway
 MAX_VALUES = 8_000_000  # numbers in one response (~150 MB of JSON)
 _JSON_BYTES_PER_CHAR = 12  # a non-BMP character written as two \uXXXX escapes
-ENCODE_FIELDS = ("texts", "output", "max_length")
+ENCODE_FIELDS = ("texts", "output", "max_length", "model")
 EMBEDDINGS_FIELDS = ("input", "model", "encoding_format", "user", "dimensions")
-TEI_FIELDS = ("inputs", "normalize", "truncate", "truncation_direction", "prompt_name")
+TEI_FIELDS = ("inputs", "normalize", "truncate", "truncation_direction", "prompt_name", "model")
 HEADER_TIMEOUT = 10.0  # seconds for a request's headers to arrive
 BODY_TIMEOUT = 30.0  # seconds for its body
 KEEP_ALIVE = 5.0  # seconds an idle keep-alive connection stays open
@@ -94,8 +96,14 @@ def create_app(
     body_timeout: float = BODY_TIMEOUT,
     api_keys=None,
     batching: BatchConfig | None = None,
+    tenants=None,
+    admin_keys=None,
 ):
     """A Starlette (ASGI) app serving `session`; see the module docstring for the routes and limits.
+
+    `tenants`: {name: extension dir} served over `session` (a swap export) beside its own table,
+    picked by the requests' `model`; `admin_keys`: keys for the admin routes that add and remove
+    tenants while serving (without any, those routes answer 403).
 
     `api_keys`: when given, every route but the health checks needs `Authorization: Bearer KEY` with
     one of them (401 otherwise). Prometheus metrics are served at GET /metrics from a registry of the
@@ -197,23 +205,41 @@ def create_app(
     metrics = _Metrics()
     batcher = Batcher(batching, session.metadata()["inputs"], metrics)
     chunk = batching.max_batch_texts
+    models = Tenants(session)
+    models.add_all(tenants or {})
 
-    def predicted_values(output: str, rows) -> int:
+    def predicted_values(output: str, rows, pinned) -> int:
         """Numbers the response will hold, from the tokenized texts (before the model runs)."""
         S = max(len(r.ids) for r in rows)
-        last = (session.V + session.K) if output == "logits" else session.H
+        last = (pinned.V + pinned.K) if output == "logits" else pinned.H
         return len(rows) * last * (1 if widths.get(output) else S)
+
+    def pick(request, data: dict | None):
+        """(name, Session, name to answer with) of the request's model (`model` field, or ?model= on GETs).
+
+        The name labels the request's metrics; with a lone model the answer repeats the name sent."""
+        model = data.get("model") if isinstance(data, dict) else request.query_params.get("model")
+        if model is not None and not isinstance(model, str):
+            raise RequestError(422, f"model must be a string, got a JSON {_json_type(model)}")
+        try:
+            name, chosen = models.resolve(model)
+        except UnknownModel as e:
+            raise RequestError(404, str(e), "model_not_found") from None
+        request.scope[MODEL_SCOPE_KEY] = name
+        return name, chosen, model or name
 
     def busy(e: Exception, status: int = 503) -> RequestError:
         retry = getattr(e, "retry_after", 1)
         return RequestError(status, str(e), "server_error", headers={"Retry-After": str(retry)})
 
-    async def encode_with(texts: list[str], output: str, max_length, truncate: bool = True):
+    async def encode_with(model, texts: list[str], output: str, max_length, truncate: bool = True):
         """(values, rows, pinned session) of `output` for `texts`: tokenized once, run through the batcher.
 
-        truncate=False refuses a text over the model's length limit (TEI's default) instead of cutting it.
+        `model`: (name, Session) from pick(). truncate=False refuses a text over the model's length
+        limit (TEI's default) instead of cutting it.
         """
-        pinned = session.snapshot()  # the numbers and the fingerprint reported with them come from one table
+        name, chosen, _ = model
+        pinned = chosen.snapshot()  # the numbers and the fingerprint reported with them come from one table
         try:
             batcher.check_room(len(texts))  # refuse before any tokenizing when the queue is full
         except QueueFull as e:
@@ -221,7 +247,7 @@ def create_app(
 
         def prepare():  # in a worker thread: tokenizing is CPU work too, and must not stall the event loop
             rows = pinned.tokenize_each(texts, max_length=max_length)
-            n = predicted_values(output, rows)
+            n = predicted_values(output, rows, pinned)
             if n > max_values:
                 raise RequestError(
                     413, f"the response would hold {n} numbers ({output} for {len(texts)} texts of up to "
@@ -240,7 +266,8 @@ def create_app(
         with batcher.arrival() as arrival:
             try:
                 rows = await run_in_threadpool(prepare)
-                values = await batcher.submit(pinned, (None, pinned.extension_fingerprint), rows, output,
+                # one key per tenant and table: a run never mixes two tenants' texts
+                values = await batcher.submit(pinned, (name, pinned.extension_fingerprint), rows, output,
                                               pooled=output in widths, arrival=arrival)
             except EmbdeployError as e:
                 raise RequestError(422, _hide_paths(str(e), session)) from None
@@ -266,7 +293,9 @@ def create_app(
         return reply({"status": "ok", "mode": session.mode, "K": session.K})
 
     async def metadata(request):
-        meta = session.metadata()
+        name, chosen, _ = pick(request, None)
+        meta = chosen.metadata()
+        meta["model"] = name
         meta["path"] = session.path.name  # never the server's file system layout
         if isinstance(meta.get("extension"), str) and meta["extension"] not in ("export",):
             meta["extension"] = Path(meta["extension"]).name
@@ -278,6 +307,7 @@ def create_app(
         if "texts" not in data:
             raise RequestError(422, 'the field "texts" is missing; send {"texts": ["some text", ...]}')
         texts = check_texts(data["texts"], "texts")
+        model = pick(request, data)
         outputs = list(session.outputs)
         output = data.get("output")
         if output is None:
@@ -287,8 +317,9 @@ def create_app(
         max_length = data.get("max_length")
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
             raise RequestError(422, f"max_length must be a positive integer, got {json.dumps(max_length)}")
-        values, rows, pinned = await encode_with(texts, output, max_length)
+        values, rows, pinned = await encode_with(model, texts, output, max_length)
         return reply({
+            "model": model[2],
             "output": output,
             "shape": list(values.shape),
             "data": values.tolist(),
@@ -323,8 +354,8 @@ def create_app(
         for name in ("model", "user"):
             if data.get(name) is not None and not isinstance(data[name], str):
                 raise RequestError(422, f"{name} must be a string, got a JSON {_json_type(data[name])}")
-        model = data.get("model")
-        values, rows, _ = await encode_with(texts, "sentence_embedding", None)
+        model = pick(request, data)
+        values, rows, _ = await encode_with(model, texts, "sentence_embedding", None)
         tokens = sum(len(r.ids) for r in rows)
         if fmt == "base64":  # little-endian float32 bytes, as the official client decodes them
             rows = [base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii") for v in values]
@@ -333,7 +364,7 @@ def create_app(
         return reply({
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
-            "model": model or session.path.name,
+            "model": model[2],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
 
@@ -357,15 +388,63 @@ def create_app(
             raise RequestError(422, 'the field "inputs" is missing; send {"inputs": "some text"} or {"inputs": [...]}')
         raw = data["inputs"]
         texts = check_texts([raw] if isinstance(raw, str) else raw, "inputs")
+        model = pick(request, data)
         flags = {k: data.get(k, default) for k, default in (("normalize", True), ("truncate", False))}
         for k, v in flags.items():
             if not isinstance(v, bool):
                 raise RequestError(422, f"{k} must be true or false, got {json.dumps(v)}")
-        values, _, _ = await encode_with(texts, "sentence_embedding", None, truncate=flags["truncate"])
+        values, _, _ = await encode_with(model, texts, "sentence_embedding", None, truncate=flags["truncate"])
         values = values.astype(np.float64)
         if flags["normalize"]:
             values = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
         return reply(values.astype(np.float32).tolist())
+
+    # ---- OpenAI's model list; the admin routes that add and remove tenants while serving
+    created = {name: int(time.time()) for name in models.names()}
+
+    def card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created.get(name, 0), "owned_by": "embdeploy"}
+
+    async def list_models(request):
+        return reply({"object": "list", "data": [card(name) for name in models.names()]})
+
+    async def get_model(request):
+        name = request.path_params["model"]
+        if name not in models.names():
+            raise RequestError(404, f"unknown model {name!r}; this server has: {', '.join(models.names())}",
+                               "model_not_found")
+        return reply(card(name))
+
+    def tenant_info(name: str, chosen) -> dict:
+        return {"model": name, "K": chosen.K, "extension_fingerprint": chosen.extension_fingerprint,
+                "default": name == models.default}
+
+    async def admin_list(request):
+        return reply({"default": models.default, "models": [tenant_info(n, c) for n, c in models.items()]})
+
+    async def admin_put(request):
+        name = request.path_params["name"]
+        data = await read_json(request)
+        check_fields(data, ("path",))
+        path = data.get("path")
+        if not isinstance(path, str) or not path.strip():
+            raise RequestError(422, 'send {"path": "extension directory on the server"} (a non-empty string)')
+        try:
+            chosen, replaced = await run_in_threadpool(models.add, name, Path(path).expanduser())
+        except EmbdeployError as e:
+            raise RequestError(422, _hide_paths(str(e), session)) from None
+        created[name] = int(time.time())
+        return reply({**tenant_info(name, chosen), "replaced": replaced}, 200 if replaced else 201)
+
+    async def admin_delete(request):
+        name = request.path_params["name"]
+        try:
+            models.remove(name)  # requests in flight keep the Session they resolved, and finish on it
+        except UnknownModel as e:
+            raise RequestError(404, str(e), "model_not_found") from None
+        except EmbdeployError as e:
+            raise RequestError(409, str(e)) from None
+        return reply({"model": name, "removed": True})
 
     async def on_request_error(request, exc: RequestError):
         return error(exc.status, exc.message, exc.kind, exc.headers)
@@ -373,7 +452,8 @@ def create_app(
     async def on_http_error(request, exc: HTTPException):
         if exc.status_code == 404:
             message = (f"no route {request.url.path}; routes: GET /healthz, GET /v1/metadata, POST /v1/encode, "
-                       "POST /v1/embeddings, POST /embed, GET /info, GET /health")
+                       "POST /v1/embeddings, GET /v1/models, POST /embed, GET /info, GET /health, "
+                       "GET /admin/tenants, PUT and DELETE /admin/tenants/NAME")
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         else:
@@ -400,20 +480,30 @@ def create_app(
             Route("/", tei_embed, methods=["POST"]),  # TEI serves its embed route at the root too
             Route("/info", tei_info, methods=["GET"]),
             Route("/health", tei_health, methods=["GET"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model}", get_model, methods=["GET"]),
+            Route("/admin/tenants", admin_list, methods=["GET"]),
+            Route("/admin/tenants/{name}", admin_put, methods=["PUT"]),
+            Route("/admin/tenants/{name}", admin_delete, methods=["DELETE"]),
         ],
         exception_handlers={RequestError: on_request_error, HTTPException: on_http_error, Exception: on_crash},
     )
     app.state.session = session
     app.state.metrics = metrics
     app.state.batcher = batcher
+    app.state.tenants = models
     app.add_route("/metrics", metrics.endpoint, methods=["GET"])
     keys = [k for k in (api_keys or []) if k]
     if api_keys is not None and not keys:
         raise EmbdeployError("api_keys is empty; pass at least one non-empty key, or None for no authentication")
-    return _Guard(app, keys, metrics)
+    admins = [k for k in (admin_keys or []) if k]
+    if admin_keys is not None and not admins:
+        raise EmbdeployError("admin_keys is empty; pass at least one non-empty key, or None to keep the admin routes off")
+    return _Guard(app, keys, metrics, admins)
 
 
 OPEN_ROUTES = ("/health", "/healthz")  # load balancers probe these without a key
+MODEL_SCOPE_KEY = "embdeploy.model"  # the handler's chosen model, read back by _Guard for the metrics label
 
 
 class _Metrics:
@@ -426,8 +516,8 @@ class _Metrics:
             raise EmbdeployError("`embdeploy serve` needs prometheus-client for its metrics; install it with "
                                  "`pip install 'embdeploy[serve]'`") from None
         self.registry = CollectorRegistry()
-        self.requests = Counter("embdeploy_requests", "HTTP requests by route and status", ["route", "status"],
-                                registry=self.registry)
+        self.requests = Counter("embdeploy_requests", "HTTP requests by route, status and model (tenant)",
+                                ["route", "status", "model"], registry=self.registry)
         self.seconds = Histogram("embdeploy_request_seconds", "Request latency by route, seconds", ["route"],
                                  registry=self.registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
@@ -462,31 +552,46 @@ class _Metrics:
 
 
 class _Guard:
-    """ASGI wrapper: API keys (constant-time comparison) and request metrics around the app."""
+    """ASGI wrapper: API keys and admin keys (constant-time comparison) and request metrics around the app.
 
-    def __init__(self, app, keys: list[str], metrics: _Metrics):
+    The admin routes (/admin/...) take admin keys only, and answer 403 when the server has none."""
+
+    def __init__(self, app, keys: list[str], metrics: _Metrics, admin_keys=()):
         self.app, self.keys, self.metrics = app, [k.encode() for k in keys], metrics
+        self.admin_keys = [k.encode() for k in admin_keys]
         self.state = app.state
+
+    @staticmethod
+    async def _refuse(send, status: int, message: str, kind: str) -> None:
+        headers = [(b"content-type", b"application/json")] + ([(b"www-authenticate", b"Bearer")] if status == 401 else [])
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": json.dumps({"error": {"message": message, "type": kind}}).encode()})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         import hmac
-        import time
 
         path = scope.get("path", "")
-        route = path if path in _KNOWN_ROUTES else "other"  # bounded label values
-        if self.keys and path not in OPEN_ROUTES:
-            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
-            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+        route = _route_label(path)
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+        if path == "/admin" or path.startswith("/admin/"):
+            if not self.admin_keys:
+                self.metrics.requests.labels(route, "403", "").inc()
+                return await self._refuse(send, 403, "the admin routes are off: start the server with --admin-key KEY "
+                                          "(or $EMBDEPLOY_ADMIN_KEYS) to add and remove tenants while serving",
+                                          "permission_error")
+            if not any(hmac.compare_digest(given, k) for k in self.admin_keys):
+                self.metrics.requests.labels(route, "401", "").inc()
+                return await self._refuse(send, 401, "missing or wrong admin key; send the header "
+                                          "Authorization: Bearer ADMIN_KEY (API keys do not open the admin routes)",
+                                          "authentication_error")
+        elif self.keys and path not in OPEN_ROUTES:
             if not any(hmac.compare_digest(given, k) for k in self.keys):
-                self.metrics.requests.labels(route, "401").inc()
-                body = json.dumps({"error": {"message": "missing or wrong API key; send the header "
-                                             "Authorization: Bearer KEY", "type": "authentication_error"}}).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
-                await send({"type": "http.response.body", "body": body})
-                return
+                self.metrics.requests.labels(route, "401", "").inc()
+                return await self._refuse(send, 401, "missing or wrong API key; send the header "
+                                          "Authorization: Bearer KEY", "authentication_error")
         status = {"code": 500}
 
         async def send_and_count(message):
@@ -501,11 +606,19 @@ class _Guard:
         finally:
             self.metrics.in_flight.dec()
             self.metrics.seconds.labels(route).observe(time.perf_counter() - t)
-            self.metrics.requests.labels(route, str(status["code"])).inc()
+            self.metrics.requests.labels(route, str(status["code"]), scope.get(MODEL_SCOPE_KEY, "")).inc()
 
 
 _KNOWN_ROUTES = ("/healthz", "/v1/metadata", "/v1/encode", "/v1/embeddings", "/embed", "/", "/info", "/health",
-                 "/metrics")
+                 "/metrics", "/v1/models", "/admin/tenants")
+
+
+def _route_label(path: str) -> str:
+    """The route as a metrics label: bounded values (a tenant's or model's name is not part of it)."""
+    for prefix in ("/v1/models/", "/admin/tenants/"):
+        if path.startswith(prefix):
+            return prefix[:-1]
+    return path if path in _KNOWN_ROUTES else "other"
 
 
 def _batch_config(batching) -> BatchConfig:
@@ -667,10 +780,14 @@ def serve(
     max_connections: int = MAX_CONNECTIONS,
     api_keys=None,
     batching: BatchConfig | None = None,
+    tenants=None,
+    admin_keys=None,
 ) -> None:
     """Open a Session on `onnx_dir` and serve it with uvicorn until interrupted (Ctrl-C / SIGTERM).
 
     `batching`: a BatchConfig (or a dict of its fields); SIGTERM drains every request, then returns.
+    `tenants`: {name: extension dir} over a swap export (runtime/tenants.py); `admin_keys`: keys for
+    the admin routes that add and remove tenants while serving.
     """
     _starlette()
     try:
@@ -688,7 +805,7 @@ def serve(
     batching = _batch_config(batching)
     session = Session(onnx_dir, providers=providers, threads=threads, extension=extension)
     app = create_app(session, max_batch=max_batch, max_chars=max_chars, body_timeout=body_timeout, api_keys=api_keys,
-                     batching=batching)
+                     batching=batching, tenants=tenants, admin_keys=admin_keys)
     sock = bind_socket(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             http=guarded_protocol(header_timeout, int(max_connections)), timeout_keep_alive=keep_alive)
