@@ -9,6 +9,7 @@ cache, exports) and only redoes what is missing.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -60,6 +61,8 @@ class QuickstartResult:
     on_texts: dict = field(default_factory=dict)  # mode -> {token_reduction, ratio_b1, fidelity_mean, fidelity_min}
     plot: Path | None = None
     seconds: dict = field(default_factory=dict)
+    terms: Path | None = None  # the token file the extension was made from
+    memory: dict = field(default_factory=dict)  # variant -> {private_mb, mapped_mb, create_s}: one session, alone
 
 
 def _stage(console: Console, n: int, total: int, what: str):
@@ -108,6 +111,7 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     (wd / WORKDIR_MARK).write_text("made by `embdeploy quickstart`; --fresh may delete this directory\n")
     res = QuickstartResult(workdir=wd)
     terms = Path(terms) if terms else data_file("terms.txt")
+    res.terms = terms
     train_texts = Path(train_texts) if train_texts else data_file("train.txt")
     eval_texts = Path(eval_texts) if eval_texts else data_file("heldout.txt")
     total = 7
@@ -206,12 +210,17 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     for r in result.texts:
         res.on_texts[r.variant] = {"token_reduction": r.token_reduction, "ratio_b1": ratio_b1.get(r.variant),
                                    "fidelity_mean": r.fidelity_mean, "fidelity_min": r.fidelity_min}
+    for s in result.sessions:
+        if s.provider == "cpu":
+            res.memory[s.variant] = {"private_mb": s.private_mb, "mapped_mb": s.mapped_mb, "create_s": s.create_s}
     res.seconds["bench"] = time.perf_counter() - t
     res.seconds["total"] = time.perf_counter() - t_all
 
     # 6. summary ----------------------------------------------------------------------------
     _stage(console, 7, total, "summary")
     console.print(summary_table(res))
+    for line in next_steps(res, eval_texts, str(model)):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     return res
 
 
@@ -219,29 +228,62 @@ def summary_table(res: QuickstartResult) -> Table:
     t = Table(title="embdeploy quickstart", title_justify="left", show_header=False)
     t.add_column("what", style="bold")
     t.add_column("result")
-    t.add_row("tokens added", str(res.tokens_added))
+    from .train.evaluate import QualityReport
+
+    t.add_row("tokens added", f"{res.tokens_added}" + (f", from {res.terms}" if res.terms else ""))
     b, a = res.quality_before, res.quality_after
     if b and a:
         t.add_row("held-out sentence cosine (mean / min)",
                   f"before training {b['sentence_cos_mean']:.3f} / {b['sentence_cos_min']:.3f}  →  "
-                  f"after {a['sentence_cos_mean']:.3f} / {a['sentence_cos_min']:.3f}")
+                  f"after {a['sentence_cos_mean']:.3f} / {a['sentence_cos_min']:.3f}  (1.000: the same vector "
+                  "as the base model on the original tokenization)")
         ra = lambda q: "n/a" if q.get("retrieval_accuracy") is None else f"{q['retrieval_accuracy']:.2f}"  # noqa: E731
-        t.add_row(f"retrieval accuracy (1 of {a.get('candidates')})", f"{ra(b)} → {ra(a)}")
+        n = QualityReport.from_json(a).candidates_label()
+        t.add_row(f"retrieval accuracy (1 of {n})", f"{ra(b)} → {ra(a)}  (each text must find its original-"
+                  f"tokenization twin among {n} candidates; chance about 1/{n})")
+    t.add_row("how to read the modes", "latency ratio = extended time / base time at BxS (B texts of S tokens), the "
+              "median of per-round ratios, both timed in one run: above 1 is slower than the base, below 1 faster. "
+              "Per session: private = memory the session owns, shared = the export's files memory-mapped, which "
+              "sessions and processes share.")
     for mode, e in res.exports.items():
         ratios = res.bench.get(mode, {})
-        rtxt = ", ".join(f"{s} {r:.3f}" for s, r in ratios.items())
-        t.add_row(f"{mode}", f"max abs diff {e['max_abs_diff']:.1e}; latency ratio to base {rtxt}; "
-                             f"{e['dir']} ({_fmt_bytes(e['bytes'])})")
+        rtxt = ", ".join(f"{s} {r:.3f}" for s, r in ratios.items() if re.fullmatch(r"\d+x\d+", s))
+        mem = res.memory.get(mode)
+        mtxt = (f"per session private {mem['private_mb']:.0f} MB, shared {mem['mapped_mb']:.0f} MB, created in "
+                f"{mem['create_s']:.2f} s; " if mem else "")
+        t.add_row(f"{mode}", f"max abs diff {e['max_abs_diff']:.1e}; latency ratio to base {rtxt}; {mtxt}"
+                             f"{_fmt_bytes(e['bytes'])} on disk; {_MODE_NOTE[mode]}; {e['dir']}")
     if "merged" in res.on_texts:
         o = res.on_texts["merged"]
         t.add_row("on the held-out texts (merged)",
                   f"{o['token_reduction']:.0%} fewer tokens, end-to-end latency ratio {o['ratio_b1']:.2f} at batch 1 "
-                  f"(tokenization included), fidelity {o['fidelity_mean']:.3f} (min {o['fidelity_min']:.3f})")
+                  f"(tokenization included), fidelity {o['fidelity_mean']:.3f} (min {o['fidelity_min']:.3f}): the "
+                  "cosine to the base model's output on the original tokenization")
     if res.plot:
         t.add_row("plot", str(res.plot))
     t.add_row("report", str(res.workdir / "bench.md"))
     t.add_row("time", ", ".join(f"{k} {v:.0f}s" for k, v in res.seconds.items()))
     return t
+
+
+_MODE_NOTE = {
+    "merged": "one table, loads in any ONNX Runtime consumer",
+    "split": "base and extension in separate files; ORT joins them at load into a private copy",
+    "swap": "the base stays shared; the extension table can be replaced per session (one per tenant)",
+}
+
+
+def next_steps(res: QuickstartResult, texts: Path, model: str) -> list[str]:
+    """What to run next, with this run's own paths."""
+    wd = res.workdir
+    return [
+        "next:",
+        f"  serve it:        pip install 'embdeploy[serve]' && embdeploy serve {wd / 'onnx-merged'}",
+        f"  your own texts:  embdeploy bench {wd / 'onnx-merged'} {wd / 'onnx-swap'} --texts YOUR_TEXTS.txt"
+        f"   (the quickstart used {texts})",
+        f"  your own words:  embdeploy suggest YOUR_CORPUS.txt --model {model} --out tokens.txt, then "
+        f"embdeploy extend {model} --tokens tokens.txt --out ext",
+    ]
 
 
 def result_json(res: QuickstartResult) -> dict:

@@ -38,18 +38,25 @@ def tiny_inputs(tmp_path_factory):
     return root
 
 
-def test_quickstart_and_cli_export_share_one_cache(tiny_inputs, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def quickstart_run(tiny_inputs, tmp_path_factory):
+    """(result, printed text, work dir, cache): the quickstart with the cache left to its default ($EMBDEPLOY_CACHE)."""
     from rich.console import Console
 
     from embdeploy.quickstart import run_quickstart
 
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("EMBDEPLOY_CACHE", str(cache))
-    root, wd = tiny_inputs, tmp_path / "qs"
+    root, tmp = tiny_inputs, tmp_path_factory.mktemp("qs-run")
+    cache, wd = tmp / "cache", tmp / "qs"
     console = Console(record=True, width=300)
-    run_quickstart(wd, model=str(root / "base"), terms=root / "terms.txt", train_texts=root / "train.txt",
-                   eval_texts=root / "held.txt", steps=2, bench_rounds=3, console=console)
-    shown = " ".join(console.export_text().split())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMBDEPLOY_CACHE", str(cache))
+        res = run_quickstart(wd, model=str(root / "base"), terms=root / "terms.txt", train_texts=root / "train.txt",
+                             eval_texts=root / "held.txt", steps=2, bench_rounds=3, console=console)
+    return res, " ".join(console.export_text().split()), wd, cache
+
+
+def test_quickstart_and_cli_export_share_one_cache(quickstart_run, tmp_path):
+    _, shown, wd, cache = quickstart_run
     assert f"base export cache: {cache}" in shown
     made = entries(cache)
     assert len(made) == 1, made  # one base, exported once for the three modes
@@ -66,6 +73,24 @@ def test_quickstart_and_cli_export_share_one_cache(tiny_inputs, tmp_path, monkey
     for export in (wd / "onnx-merged", tmp_path / "cli-swap"):
         m = json.loads((export / "embdeploy.json").read_text())
         assert Path(m["base_onnx"]).resolve() == (cache / "base" / made[0]).resolve()
+
+
+def test_the_quickstart_summary_explains_itself(quickstart_run, tiny_inputs):
+    """Terms defined, memory per mode as the bench measured it, the terms file named, what to run next."""
+    import re
+
+    res, shown, wd, _ = quickstart_run
+    assert f"tokens added │ {len(TOKENS)}, from {tiny_inputs / 'terms.txt'}" in shown
+    assert "BxS (B texts of S tokens)" in shown and "above 1 is slower than the base" in shown
+    n = res.quality_after["candidates"]
+    assert f"retrieval accuracy (1 of {n})" in shown and f"chance about 1/{n}" in shown
+    sessions = {s["variant"]: s for s in json.loads((wd / "bench.json").read_text())["sessions"] if s["provider"] == "cpu"}
+    for mode in ("merged", "split", "swap"):
+        s = sessions[mode]
+        assert re.search(rf"│ {mode} │ max abs diff .*per session private {s['private_mb']:.0f} MB, shared "
+                         rf"{s['mapped_mb']:.0f} MB", shown), mode
+    assert f"next: serve it: pip install 'embdeploy[serve]' && embdeploy serve {wd / 'onnx-merged'}" in shown
+    assert f"embdeploy bench {wd / 'onnx-merged'} {wd / 'onnx-swap'} --texts YOUR_TEXTS.txt" in shown
 
 
 def test_fresh_keeps_a_cache_that_lies_inside_the_work_directory(tmp_path):

@@ -237,15 +237,48 @@ def _colors(result: BenchResult) -> dict[str, str]:
     return colors
 
 
+WIDE_IQR = 0.06  # a ratio whose 25th-75th percentile spread is wider than the ±3% band cannot be read against it
+
+
 def write_plot(result: BenchResult, path) -> Path:
     """PNG: p50 latency per shape and variant (p90 whisker), the ratio to base, and N-session memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     path = Path(path)
+    fig = plot_figure(result)
+    _write(path, lambda p: fig.savefig(p, dpi=110))
+    plt.close(fig)
+    return path
+
+
+def _what_was_run(result: BenchResult) -> str:
+    """Which model, K and rounds the figure shows."""
+    import json
+
+    model = None
+    for v in result.variants:  # the base reference an extended export records (absent when only the JSON is at hand)
+        try:
+            rec = json.loads((Path(v.path) / "embdeploy.json").read_text()).get("base_model") or {}
+            model = rec.get("portable_ref") or rec.get("ref")
+        except (OSError, ValueError):
+            continue
+        if model:
+            break
+    ks = sorted({v.K for v in result.variants})
+    b = result.base
+    return (f"{model or 'base'} (V={b.V}, H={b.H}), K={'/'.join(map(str, ks)) or 0} new tokens, "
+            f"{result.settings.get('rounds')} rounds")
+
+
+def plot_figure(result: BenchResult):
+    """The matplotlib figure `write_plot` saves."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     providers = sorted({r.provider for r in result.latency})
     panels = 2 * len(providers) + (1 if any(m.provider == "cpu" for m in result.multi) else 0)
     if panels == 0:
@@ -260,6 +293,7 @@ def write_plot(result: BenchResult, path) -> Path:
     for provider in providers:
         rows = {(r.shape, r.variant, r.mix): r for r in result.latency if r.provider == provider}
         ax_lat, ax_ratio = axes.pop(0), axes.pop(0)
+        wide: list[str] = []
         x = np.arange(len(shapes))
         width = 0.8 / max(1, len(series))
         for j, (v, mix) in enumerate(series):
@@ -278,24 +312,40 @@ def write_plot(result: BenchResult, path) -> Path:
             xs = x + (j - (len(series) - 1) / 2) * width
             ax_ratio.errorbar(xs, ratio, yerr=[np.array(ratio) - lo, np.array(hi) - ratio], fmt="D" if hatch else "o",
                               color=colors.get(v, "#111827"), mfc="white" if hatch else None, capsize=3, label=label)
-            for xi, ri in zip(xs, ratio):
-                if not np.isnan(ri):
-                    ax_ratio.annotate(f"{ri:.2f}", (xi, ri), xytext=(4, 0), textcoords="offset points", fontsize=7,
-                                      va="center", color=colors.get(v, "#111827"))
+            for xi, ri, l, h, s in zip(xs, ratio, lo, hi, shapes):
+                if np.isnan(ri):
+                    continue
+                ax_ratio.annotate(f"{ri:.2f}", (xi, ri), xytext=(4, 0), textcoords="offset points", fontsize=7,
+                                  va="center", color=colors.get(v, "#111827"))
+                if h - l > WIDE_IQR:
+                    wide.append(f"{label} at {s} (IQR {l:.2f}-{h:.2f})")
+                    ax_ratio.annotate("!", (xi, h), xytext=(0, 3), textcoords="offset points", fontsize=10,
+                                      ha="center", va="bottom", color="#b91c1c", fontweight="bold")
         ax_lat.set_yscale("log")
         low = min((r.p50_ms for r in rows.values()), default=1.0)
         ax_lat.set_ylim(bottom=low / 4)
+        # Plain numbers (0.5, 1, 2, 5 ms) instead of 10^x; 1-2-5 steps so a short range still has labels.
+        ax_lat.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax_lat.yaxis.set_major_formatter(FuncFormatter(lambda val, _: f"{val:g}"))
+        ax_lat.yaxis.set_minor_formatter(NullFormatter())
         ax_lat.set_xticks(x, shapes)
         ax_lat.set_ylabel("p50 latency, ms (log)\nwhisker to p90")
-        ax_lat.set_title(f"{provider}: latency per shape (batch x sequence)", loc="left", fontweight="bold")
+        ax_lat.set_title(f"{provider}: p50 latency per shape (BxS = B texts of S tokens), raw times over all rounds",
+                         loc="left", fontweight="bold")
         ax_lat.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
         ax_lat.grid(axis="y", alpha=0.3, which="both")
         ax_ratio.axhline(1.0, color=MODE_COLORS["base"], lw=1, ls="--")
         ax_ratio.axhspan(0.97, 1.03, color=MODE_COLORS["base"], alpha=0.08, lw=0)
         ax_ratio.set_xticks(x, shapes)
         ax_ratio.set_ylabel("time / base time\n(median of rounds, IQR)")
-        ax_ratio.set_title(f"{provider}: ratio to base (1 = as fast as base; band = ±3%)", loc="left",
-                           fontweight="bold")
+        ax_ratio.set_title(f"{provider}: ratio to base, above 1 = slower (median of per-round ratios, so it can "
+                           "differ from the bars' ratio; grey band = within ±3% of base)", loc="left",
+                           fontweight="bold", fontsize=10)
+        if wide:
+            ax_ratio.text(0.0, -0.22, f"! IQR wider than {WIDE_IQR:.0%}, so the ratio says little: "
+                          + "; ".join(wide[:4]) + ("; …" if len(wide) > 4 else "") + ". Rerun with more --rounds "
+                          "or on a quieter machine.", transform=ax_ratio.transAxes, fontsize=8, color="#b91c1c",
+                          va="top", wrap=True)
         ax_ratio.grid(axis="y", alpha=0.3)
         ax_ratio.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
         ax_ratio.set_xlim(-0.5, len(shapes) - 0.5)
@@ -322,10 +372,8 @@ def write_plot(result: BenchResult, path) -> Path:
         ax.set_xlim(0, max(m.footprint_mb for m in cpu_multi) * 1.18)
 
     m = result.machine
-    fig.suptitle(f"embdeploy bench: {m.get('cpu')}" + (f", {m['gpu'].split(',')[0]}" if m.get("gpu") else "")
-                 + f", onnxruntime {m.get('onnxruntime')}, "
-                 f"{result.settings.get('threads')} thread(s)", fontsize=10, color="#374151")
+    fig.suptitle(f"embdeploy bench: {_what_was_run(result)}, {result.settings.get('threads')} thread(s)\n"
+                 f"{m.get('cpu')}" + (f", {m['gpu'].split(',')[0]}" if m.get("gpu") else "")
+                 + f", onnxruntime {m.get('onnxruntime')}", fontsize=10, color="#374151")
     fig.tight_layout()
-    _write(path, lambda p: fig.savefig(p, dpi=110))
-    plt.close(fig)
-    return path
+    return fig
