@@ -15,9 +15,15 @@ after another, until REQUESTS requests are answered. Reported per (server, clien
 decoded after the timed part, against the single-request answer (`Session.encode([text])` in this
 process): max abs difference and min cosine (the validation tolerance is atol 1e-4).
 
+With --tenants N (default 4; 0 skips it), two more servers over a swap export of the same
+extension, both batching: one serving it alone, one serving it under N tenant names (`--tenant
+tNAME=EXT`, each its own fork, so runs are cut per tenant); their clients send `model` = a random
+one of the N names. Timed in the same rounds, at the largest client count.
+
 The goal (issue 14): at 32 clients batching gives >= 2x the throughput of one request per run at a
-p99 no worse; at 1 client batching adds <= 5% to p50. The ratios are per round (both servers timed
-in the same round), then the median over rounds. Writes JSON to perf/results/ (--out).
+p99 no worse; at 1 client batching adds <= 5% to p50; mixed traffic over 4 tenants keeps the
+throughput of one tenant within 10%. The ratios are per round (the servers compared are timed in
+the same round), then the median over rounds. Writes JSON to perf/results/ (--out).
 """
 
 from __future__ import annotations
@@ -50,16 +56,16 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "embdeploy.cli", *args], check=True, env=env, cwd=ROOT)
 
 
-def build() -> Path:
-    """The merged export, made with the CLI (skipped when it is already there)."""
-    onnx = WORK / "onnx-merged"
+def build(mode: str = "merged") -> Path:
+    """The export of the extension in `mode`, made with the CLI (skipped when it is already there)."""
+    onnx = WORK / f"onnx-{mode}"
     if (onnx / "embdeploy.json").is_file():
         return onnx
     ext = WORK / "ext"
     if not (ext / "extension.json").is_file():
         cli("extend", "minilm", "--tokens", str(ROOT / "embdeploy" / "data" / "terms.txt"), "--out", str(ext),
             "--overwrite")
-    cli("export", str(ext), "--mode", "merged", "--out", str(onnx), "--overwrite")
+    cli("export", str(ext), "--mode", mode, "--out", str(onnx), "--overwrite")
     return onnx
 
 
@@ -69,11 +75,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(onnx: Path, mode: str, threads: int, log: Path):
+def start(onnx: Path, mode: str, threads: int, log: Path, tenants=()):
     port = free_port()
     args = ["serve", str(onnx), "--host", HOST, "--port", str(port), "--providers", "cpu", "--threads", str(threads)]
     if mode == "no-batching":
         args.append("--no-batching")
+    for name in tenants:
+        args += ["--tenant", f"{name}={WORK / 'ext'}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = open(log, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "embdeploy.cli", *args], stdout=out, stderr=subprocess.STDOUT,
@@ -94,8 +102,9 @@ def start(onnx: Path, mode: str, threads: int, log: Path):
     raise SystemExit(f"the {mode} server did not come up in 120 s:\n{log.read_text()[-3000:]}")
 
 
-def load(port: int, texts: list[str], clients: int, requests: int):
-    """`requests` single-text requests from `clients` threads: (seconds, latencies, [(text, status, body)])."""
+def load(port: int, texts: list[str], clients: int, requests: int, models=("bench",)):
+    """`requests` single-text requests from `clients` threads, each naming a random one of `models`:
+    (seconds, latencies, [(text, status, body)])."""
     todo = iter(range(requests))
     lock = threading.Lock()
     latencies, answers = [], []
@@ -112,7 +121,7 @@ def load(port: int, texts: list[str], clients: int, requests: int):
             if i is None:
                 break
             text = texts[rng.randrange(len(texts))]
-            body = json.dumps({"input": text, "model": "bench", "encoding_format": "base64"})
+            body = json.dumps({"input": text, "model": models[rng.randrange(len(models))], "encoding_format": "base64"})
             t = time.perf_counter()
             try:
                 conn.request("POST", "/v1/embeddings", body=body, headers={"Content-Type": "application/json"})
@@ -161,6 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=600, help="requests per configuration and round (default 600)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each times every configuration once (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="the servers' ONNX Runtime threads (default 1)")
+    ap.add_argument("--tenants", type=int, default=4, help="tenants of the mixed-tenant comparison (default 4; 0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "serve-minilm-cpu.json")
     args = ap.parse_args(argv)
@@ -178,21 +188,30 @@ def main(argv=None) -> int:
     del session
 
     servers = {mode: start(onnx, mode, args.threads, WORK / f"server-{mode}.log") for mode in MODES}
+    names = [f"t{i}" for i in range(args.tenants)]
+    models = {mode: ("bench",) for mode in MODES}
+    if args.tenants:  # the export's own table is the extension's, so every tenant has the same reference answers
+        swap = build("swap")
+        servers["swap-1-tenant"] = start(swap, "batching", args.threads, WORK / "server-swap-1.log")
+        servers[f"swap-{args.tenants}-tenants"] = start(swap, "batching", args.threads, WORK / "server-swap-n.log",
+                                                        tenants=names)
+        models["swap-1-tenant"], models[f"swap-{args.tenants}-tenants"] = ("bench",), tuple(names)
     rng = random.Random(args.seed)
     runs = []
     try:
         for mode, (_, port) in servers.items():  # warm-up: sessions, arenas, connections
-            load(port, texts, 4, 40)
+            load(port, texts, 4, 40, models[mode])
         for r in range(args.rounds):
             for n in clients:
-                for mode in rng.sample(MODES, len(MODES)):
-                    seconds, lat, answers = load(servers[mode][1], texts, n, args.requests)
+                compared = list(servers) if n == max(clients) else list(MODES)
+                for mode in rng.sample(compared, len(compared)):
+                    seconds, lat, answers = load(servers[mode][1], texts, n, args.requests, models[mode])
                     lat_ms = np.asarray(lat) * 1000
                     row = {"round": r, "mode": mode, "clients": n, "requests": len(answers), "seconds": seconds,
                            "throughput": len(answers) / seconds, "p50_ms": float(np.percentile(lat_ms, 50)),
                            "p99_ms": float(np.percentile(lat_ms, 99)), **check(answers, reference)}
                     runs.append(row)
-                    print(f"round {r} {mode:12s} {n:3d} clients: {row['throughput']:7.1f} req/s  p50 "
+                    print(f"round {r} {mode:16s} {n:3d} clients: {row['throughput']:7.1f} req/s  p50 "
                           f"{row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  errors {row['errors']}  "
                           f"max|diff| {row['max_abs_diff']:.2e}  min cos {row['min_cosine']:.7f}", flush=True)
     finally:
@@ -209,7 +228,17 @@ def main(argv=None) -> int:
             per_round.append((b["throughput"] / u["throughput"], b["p50_ms"] / u["p50_ms"], b["p99_ms"] / u["p99_ms"]))
         t, p50, p99 = (float(np.median([x[i] for x in per_round])) for i in range(3))
         summary[str(n)] = {"throughput_ratio": t, "p50_ratio": p50, "p99_ratio": p99}
+    if args.tenants:
+        top = max(clients)
+        ratios = []
+        for r in range(args.rounds):
+            one, many = (next(x for x in runs if x["round"] == r and x["clients"] == top and x["mode"] == m)
+                         for m in ("swap-1-tenant", f"swap-{args.tenants}-tenants"))
+            ratios.append(many["throughput"] / one["throughput"])
+        summary[f"{args.tenants}_tenants_over_1_at_{top}_clients"] = {"throughput_ratio": float(np.median(ratios))}
     goals = {}
+    if args.tenants == 4 and 32 in clients:
+        goals["4 tenants: throughput within 10% of 1"] = summary["4_tenants_over_1_at_32_clients"]["throughput_ratio"] >= 0.9
     if "32" in summary:
         goals["32 clients: throughput >= 2x"] = summary["32"]["throughput_ratio"] >= 2.0
         goals["32 clients: p99 no worse"] = summary["32"]["p99_ratio"] <= 1.0
@@ -218,7 +247,8 @@ def main(argv=None) -> int:
     result = {
         "what": "embdeploy serve, POST /v1/embeddings (base64), single short texts, loopback; batching vs --no-batching",
         "model": "packaged all-MiniLM-L6-v2 + 50 terms, merged export",
-        "settings": {"requests": args.requests, "rounds": args.rounds, "clients": clients, "threads": args.threads},
+        "settings": {"requests": args.requests, "rounds": args.rounds, "clients": clients, "threads": args.threads,
+                     "tenants": args.tenants},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "runs": runs,
         "batching_over_no_batching": summary,
