@@ -439,9 +439,8 @@ def validate(
 ):
     """Check file digests, then ONNX Runtime against PyTorch on probes that hit every new id; non-zero exit on any failure."""
     from .errors import ValidationFailed
-    from .export import validate_dir, verify_dir
+    from .export import validate_dir
 
-    verify_dir(onnx_dir)
     try:
         report = validate_dir(onnx_dir, ext, provider=provider, base_model=base_model)
     except ValidationFailed:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.table import Table
@@ -27,13 +26,10 @@ def describe(path) -> dict:
         m = read_manifest(p)
         kind = "extension"
     elif (p / "embdeploy.json").is_file():
-        try:
-            m = json.loads((p / "embdeploy.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EmbdeployError(f"{p / 'embdeploy.json'} is not valid JSON ({e}); re-run `embdeploy export`") from None
-        if not isinstance(m, dict):
-            raise EmbdeployError(f"{p / 'embdeploy.json'} does not hold a JSON object; re-run `embdeploy export`")
-        kind = f"ONNX export ({m.get('mode')})"
+        from .export.manifest import ExportManifest
+
+        m = ExportManifest.read(p).to_json()  # one reader: the same checks as every other stage
+        kind = f"ONNX export ({m['mode']})"
     else:
         raise EmbdeployError(f"{p} is neither an extension directory (extension.json) nor an ONNX export (embdeploy.json)")
     t = Table(title=f"{p} — {kind}", show_header=False, title_justify="left")

@@ -84,7 +84,8 @@ def _fmt_bytes(n: float) -> str:
 def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=None, train_texts=None,
                    eval_texts=None, steps: int | None = None, bench_rounds: int = 12, fresh: bool = False,
                    console: Console | None = None, cache_dir=None) -> QuickstartResult:
-    from .export import export_extension, read_manifest
+    from .export import export_extension
+    from .export.manifest import ExportManifest
     from .extend.config import ExtensionConfig, read_token_file
     from .extend.model import Extension, load_extension
     from .models import load_base
@@ -177,10 +178,10 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     for mode in MODES:
         out = wd / f"onnx-{mode}"
         if (out / "embdeploy.json").is_file():
-            man = read_manifest(out)
-            if man.get("extension_fingerprint") == ext.extension_fingerprint() and (man.get("validation") or {}).get("passed"):
+            man = ExportManifest.read(out)
+            if man.extension_fingerprint == ext.extension_fingerprint() and (man.validation or {}).get("passed"):
                 console.print(f"reusing {out}")
-                res.exports[mode] = {"dir": out, "max_abs_diff": man["validation"].get("max_abs_diff"), "bytes": _dir_size(out)}
+                res.exports[mode] = {"dir": out, "max_abs_diff": man.validation.get("max_abs_diff"), "bytes": _dir_size(out)}
                 continue
         r = export_extension(trained_dir, mode, out, cache_dir=cache, overwrite=True,
                              progress=lambda msg: console.print(f"[dim]  {msg}[/]"))

@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     from embdeploy.runtime import Session
 
     ext, exports, export_s, held = build()
-    fp32_base = Path(exports["fp32-merged"].manifest["base_onnx"])
-    int8_base = Path(exports["int8-merged"].manifest["base_onnx"])
+    fp32_base = Path(exports["fp32-merged"].manifest.base_onnx)
+    int8_base = Path(exports["int8-merged"].manifest.base_onnx)
     d = {k: WORK / k for k in exports}
 
     quality = {}
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
 
     out = {
         "K": ext.K, "rounds": args.rounds, "threads": 1,
-        "quantization": exports["int8-merged"].manifest["quantization"],
+        "quantization": exports["int8-merged"].manifest.quantization,
         "validation": {k: {"passed": r.report.passed, "worst_cosine": min(c.min_cosine for c in r.report.checks),
                            "max_abs": r.report.max_abs_diff} for k, r in exports.items()},
         "export_s": export_s, "sizes_mb": {k: dir_mb(v) for k, v in d.items()} | {"fp32-base": dir_mb(fp32_base),

@@ -9,7 +9,6 @@ otherwise.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -67,14 +66,20 @@ def _save(model, out: Path, separate=None) -> None:
 
 def write_manifest(out: Path, mode: str, V: int, K: int, H: int, inputs, outputs, base_dir: Path | None,
                    task: str = "feature-extraction") -> None:
-    ext = {"embed": "embdeploy_ext_embed", "head": None} if mode in ("split", "swap") else None
-    meta = {
-        "format_version": 1, "kind": "embdeploy-onnx", "mode": mode, "task": task, "V": V,
-        "K": 0 if mode == "base" else K, "H": H, "dtype": "float32", "inputs": list(inputs),
-        "outputs": list(outputs), "model_file": "model.onnx", "extension_initializers": ext,
-        "base_onnx": str(base_dir.resolve()) if base_dir is not None and mode != "base" else None,
-    }
-    (out / "embdeploy.json").write_text(json.dumps(meta, indent=2))
+    """The embdeploy.json a real export would carry (made-up fingerprints: these models come from no checkpoint)."""
+    from embdeploy.export.manifest import ExportManifest
+
+    extended = mode != "base"
+    ExportManifest(
+        mode=mode, task=task, V=V, K=K if extended else 0, H=H, dtype="float32", inputs=tuple(inputs),
+        input_roles={n: n for n in inputs}, outputs=tuple(outputs), files={},
+        base_fingerprint={"embed": "sha256:" + "0" * 64, "head": None},
+        tokens=tuple(f"synthetic{j}" for j in range(K)) if extended else (),
+        extension_initializers={"embed": "embdeploy_ext_embed" if mode in ("split", "swap") else None, "head": None},
+        base_onnx=str(base_dir.resolve()) if base_dir is not None and extended else None,
+        extension_fingerprint="sha256:" + "1" * 64 if extended else None,
+        base_model={"ref": "synthetic"} if extended else None,
+    ).with_files(out).write(out)
 
 
 def build_synthetic(out, V: int = 30522, K: int = 1000, H: int = 384, layers: int = 2,

@@ -928,7 +928,7 @@ def test_swap_table_of_the_wrong_shape_at_the_ort_level(world):
     """The low-level helper: a table that is not (K, H), or an empty one, is refused before ORT sees it."""
     import onnxruntime as ort
 
-    from embdeploy.onnx.rewrite import swap_session_options
+    from embdeploy.ort import swap_session_options
 
     with pytest.raises(EmbdeployError, match=r"ext_table must be a 2-D \(rows, hidden\) array, got shape \(32,\)"):
         swap_session_options(ort.SessionOptions(), np.zeros(32, np.float32))

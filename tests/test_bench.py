@@ -24,6 +24,7 @@ from embdeploy.bench.artifacts import load_artifact, resolve_artifacts
 from embdeploy.bench.inputs import BASE_MIX, NEW_MIX, token_ids
 from embdeploy.bench.sessions import cuda_unavailable_reason
 from embdeploy.errors import EmbdeployError, RegressionDetected
+from embdeploy.export.manifest import ExportManifest
 
 V, K, H = 4096, 64, 64  # a 1 MiB base table: big enough for memory to show, small enough to be quick
 SHAPES = ((1, 4), (2, 8))
@@ -52,10 +53,10 @@ BODY = {
 
 
 def write_export(out: Path, mode: str, external: bool = True, base_dir: Path | None = None, seed: int = 0,
-                 H: int = H) -> Path:
+                 H: int = H, rows: int = V) -> Path:
     """An export directory as `embdeploy export` writes it: model.onnx (+ data) and embdeploy.json."""
     rng = np.random.default_rng(seed)
-    table = rng.standard_normal((V, H), dtype=np.float32)
+    table = rng.standard_normal((rows, H), dtype=np.float32)
     ext = rng.standard_normal((K, H), dtype=np.float32)
     text = SIGNATURE.format(H=H) + "{" + BODY[mode] + "\n last_hidden_state = MatMul(emb, w)\n}"
     model = onnx.parser.parse_model(text)
@@ -67,7 +68,7 @@ def write_export(out: Path, mode: str, external: bool = True, base_dir: Path | N
     if mode in ("split", "swap"):
         inits["embdeploy_ext_embed"] = ext
     if mode == "swap":
-        inits.update(v=np.array(V), zero=np.array(0), v_last=np.array(V - 1), k_last=np.array(K - 1),
+        inits.update(v=np.array(rows), zero=np.array(0), v_last=np.array(rows - 1), k_last=np.array(K - 1),
                      last_axis=np.array([-1]))
     model.graph.initializer.extend(numpy_helper.from_array(np.asarray(a), name) for name, a in inits.items())
     if mode == "swap":  # as rewrite_swap declares it: an overridable initializer, so a table can be fed per run
@@ -80,14 +81,17 @@ def write_export(out: Path, mode: str, external: bool = True, base_dir: Path | N
                         size_threshold=1024, all_tensors_to_one_file=True)
     else:
         onnx.save_model(model, str(out / "model.onnx"))
-    meta = {
-        "format_version": 1, "kind": "embdeploy-onnx", "mode": mode, "task": "feature-extraction",
-        "V": V, "K": 0 if mode == "base" else K, "H": H, "dtype": "float32",
-        "inputs": ["input_ids", "attention_mask"], "outputs": ["last_hidden_state"], "model_file": "model.onnx",
-        "extension_initializers": {"embed": "embdeploy_ext_embed", "head": None} if mode in ("split", "swap") else None,
-        "base_onnx": str(base_dir) if base_dir else None,
-    }
-    (out / "embdeploy.json").write_text(json.dumps(meta))
+    extended = mode != "base"
+    ExportManifest(
+        mode=mode, task="feature-extraction", V=rows, K=K if extended else 0, H=H, dtype="float32",
+        inputs=("input_ids", "attention_mask"), input_roles={"input_ids": "input_ids", "attention_mask": "attention_mask"},
+        outputs=("last_hidden_state",), files={}, base_fingerprint={"embed": "sha256:" + "0" * 64, "head": None},
+        tokens=tuple(f"tok{j}" for j in range(K)) if extended else (),
+        extension_initializers={"embed": "embdeploy_ext_embed" if mode in ("split", "swap") else None, "head": None},
+        base_onnx=str(base_dir) if base_dir else None,
+        extension_fingerprint="sha256:" + "1" * 64 if extended else None,
+        base_model={"ref": "synthetic"} if extended else None,
+    ).with_files(out).write(out)
     return out
 
 
@@ -342,10 +346,7 @@ def test_broken_manifest_lists_every_problem(tmp_path):
 
 
 def test_mismatched_base_is_refused(exports, tmp_path):
-    d = write_export(tmp_path / "x", "merged")
-    meta = json.loads((d / "embdeploy.json").read_text())
-    meta["V"] = V + 1
-    (d / "embdeploy.json").write_text(json.dumps(meta))
+    d = write_export(tmp_path / "x", "merged", rows=V + 1)
     with pytest.raises(EmbdeployError, match="do not extend this base"):
         run_bench([d], base_dir=exports["base"])
 

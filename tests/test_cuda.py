@@ -41,7 +41,7 @@ def test_export_validates_on_cuda(make_extension, export_cache, tmp_path, arch, 
     report = res.report
     assert report.passed and report.provider == "cuda" and report.dtype == ("float16" if dtype == "fp16" else "float32")
     # every output was compared, on probes that include the new ids
-    assert {c.output for c in report.checks} == set(res.manifest["outputs"])
+    assert {c.output for c in report.checks} == set(res.manifest.outputs)
     assert report.max_abs_diff > 0  # a real device computation, not the CPU numbers again
 
 

@@ -27,7 +27,8 @@ from embdeploy.export import export_base, export_extension, load_recipe, read_ma
 from embdeploy.export import validate as validate_module
 from embdeploy.export.graph import input_roles, to_float16
 from embdeploy.fsutil import PARTIAL_MARK
-from embdeploy.onnx.rewrite import EXT_EMBED, EXT_HEAD, swap_session_options
+from embdeploy.onnx.rewrite import EXT_EMBED, EXT_HEAD
+from embdeploy.ort import swap_session_options
 
 ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
@@ -77,7 +78,7 @@ def test_export_writes_a_validated_directory(exported, arch, mode):
     assert res.report.passed and res.report.new_ids_checked == ext.K == len(NEW_TOKENS)
     assert res.report.max_abs_diff < 1e-4
 
-    m = verify_dir(out)  # every file hashed at export is still there, unchanged
+    m = verify_dir(out).to_json()  # every file hashed at export is still there, unchanged
     assert m["mode"] == mode and m["kind"] == "embdeploy-onnx" and m["format_version"] == 1
     assert (m["V"], m["K"], m["H"]) == (ext.V, ext.K, ext.H)
     assert m["dtype"] == "float32" and m["head"] == ext.head_mode
@@ -85,7 +86,7 @@ def test_export_writes_a_validated_directory(exported, arch, mode):
     assert m["extension_fingerprint"] == ext.extension_fingerprint()
     assert m["tokens"] == [{"token": t, "id": i} for t, i in ext.token_ids.items()]
     assert m["validation"]["passed"] and m["validation"]["max_abs_diff"] == res.report.max_abs_diff
-    assert m["base_onnx"] == str(res.base_onnx) and read_manifest(res.base_onnx)["mode"] == "base"
+    assert m["base_onnx"] == str(res.base_onnx) and read_manifest(res.base_onnx).mode == "base"
     assert set(m["files"]) >= {"model.onnx", "model.onnx.data", "config.json", "tokenizer.json"}
     assert all(v.startswith("sha256:") for v in m["files"].values())
     assert m["inputs"][:2] == ["input_ids", "attention_mask"]
@@ -169,7 +170,7 @@ def test_base_cache_is_reused_without_torch_onnx(exported, make_extension, expor
     other = make_extension("bert", tokens=["zorblax", "plinthor"])
     res = export_extension(other, "swap", tmp_path / "b", cache_dir=export_cache)
     assert calls == [] and res.base_cached and res.base_onnx == entry
-    assert export_base(other, cache_dir=export_cache) == entry and calls == []
+    assert export_base(other, cache_dir=export_cache).path == entry and calls == []
 
     # A changed cached file is not trusted: the base is exported again, into the same entry.
     cache = tmp_path / "cache"
@@ -183,7 +184,7 @@ def test_base_cache_is_reused_without_torch_onnx(exported, make_extension, expor
     verify_dir(res.base_onnx)
 
     # The same embedding table in a model with other weights does not hit the entry.
-    source = read_manifest(entry)["source"]
+    source = read_manifest(entry).source
     changed = make_extension("bert")
     with torch.no_grad():
         changed.model.encoder.layer[0].output.dense.bias.add_(0.5)
@@ -203,11 +204,12 @@ def test_cache_dir_from_environment(monkeypatch, tmp_path):
 
 def test_export_base_to_a_directory(exported, export_cache, tmp_path):
     ext, results = exported["gpt2"]
-    out = export_base(ext, cache_dir=export_cache, out=tmp_path / "base")
-    m = verify_dir(out)
+    made = export_base(ext, cache_dir=export_cache, out=tmp_path / "base")
+    assert made.cached  # the fixture exported this base: only the copy to `out` happened
+    m = verify_dir(made.path).to_json()
     assert m["mode"] == "base" and m["K"] == 0 and m["task"] == "text-generation" and m["head"] == "tied"
     assert m["extension_initializers"] == {"embed": None, "head": None}
-    assert m["files"] == read_manifest(results["merged"].base_onnx)["files"]
+    assert m["files"] == read_manifest(results["merged"].base_onnx).files
 
 
 # --------------------------------------------------------------------------- atomicity
@@ -238,14 +240,14 @@ def test_partial_directory_is_not_a_finished_export(exported, export_cache, tmp_
     out = tmp_path / "onnx"
     assert not out.exists()
     export_extension(ext, "merged", out, cache_dir=export_cache)
-    assert verify_dir(out)["mode"] == "merged" and not partial.exists()  # the stale partial was cleared
+    assert verify_dir(out).mode == "merged" and not partial.exists()  # the stale partial was cleared
 
     # In the cache too: a partial entry is not a cache hit.
     entry = results["merged"].base_onnx
     cache = tmp_path / "cache"
     (cache / "base").mkdir(parents=True)
     shutil.copytree(entry, cache / "base" / f".{entry.name}{PARTIAL_MARK}xyz")
-    assert not base_export._cache_hit(cache / "base" / entry.name, read_manifest(entry)["source"])
+    assert not base_export._cache_hit(cache / "base" / entry.name, read_manifest(entry).source)
 
 
 def test_existing_output_needs_overwrite(exported, export_cache, tmp_path, monkeypatch):
@@ -257,7 +259,7 @@ def test_existing_output_needs_overwrite(exported, export_cache, tmp_path, monke
         export_extension(ext, "merged", out, cache_dir=export_cache)
     monkeypatch.undo()
     res = export_extension(ext, "merged", out, cache_dir=export_cache, overwrite=True)
-    assert verify_dir(res.out)["mode"] == "merged"
+    assert verify_dir(res.out).mode == "merged"
 
 
 # --------------------------------------------------------------------------- other bases, dtypes, errors
@@ -292,7 +294,7 @@ def test_user_base_onnx_with_other_names(make_extension, tmp_path, mode):
     path = _foreign_bert_onnx(plain, tmp_path / "mine.onnx")
     assert onnx.load(str(path)).opset_import[0].version == 14
     res = export_extension(ext, mode, tmp_path / "out", base_onnx=path)
-    m = res.manifest
+    m = res.manifest.to_json()
     assert res.report.passed and res.base_cached and m["base_onnx"] == str(path.resolve())
     assert m["inputs"] == ["ids", "mask", "segment_ids"] and m["outputs"] == ["hidden"]
     assert m["input_roles"] == {"ids": "input_ids", "mask": "attention_mask", "segment_ids": "token_type_ids"}
@@ -327,9 +329,9 @@ def test_bad_arguments_are_refused_before_any_work(exported, tmp_path):
 def test_fp16_export(exported, export_cache, tmp_path, mode):
     ext, _ = exported["llama"]
     res = export_extension(ext, mode, tmp_path / "fp16", dtype="fp16", cache_dir=export_cache)
-    m = res.manifest
+    m = res.manifest.to_json()
     assert m["dtype"] == "float16" and res.report.tolerance == validate_module.TOLERANCES[("float16", "cpu")]
-    assert read_manifest(res.base_onnx)["dtype"] == "float16" and res.base_onnx.name.endswith("-fp16")
+    assert read_manifest(res.base_onnx).dtype == "float16" and res.base_onnx.name.endswith("-fp16")
     graph = onnx.load(str(res.out / "model.onnx"), load_external_data=False).graph
     inits = {t.name: t.data_type for t in graph.initializer}
     assert inits[next(n for n in inits if "embed" in n)] == onnx.TensorProto.FLOAT16
@@ -532,11 +534,11 @@ def test_minilm_every_mode(minilm_exports):
     enc = tok(["the patient has hyperkalemia", "a plain sentence"], padding=True, return_tensors="np")
     outs = {}
     for mode, res in results.items():
-        assert res.report.passed and res.manifest["outputs"] == ["last_hidden_state", "sentence_embedding"]
+        assert res.report.passed and list(res.manifest.outputs) == ["last_hidden_state", "sentence_embedding"]
         assert res.report.max_abs_diff < 1e-4
         sess = session(res.out)
         outs[mode] = dict(zip(["last_hidden_state", "sentence_embedding"],
-                              sess.run(None, {k: enc[k].astype(np.int64) for k in res.manifest["inputs"]})))
+                              sess.run(None, {k: enc[k].astype(np.int64) for k in res.manifest.inputs})))
     for mode in ("split", "swap"):
         for name in outs["merged"]:
             np.testing.assert_allclose(outs[mode][name], outs["merged"][name], atol=1e-5, err_msg=mode)
@@ -554,5 +556,5 @@ def test_minilm_matches_sentence_transformers_on_base_text(minilm_exports, minil
 
     enc = AutoTokenizer.from_pretrained(str(results["swap"].out))(texts, padding=True, return_tensors="np")
     sess = session(results["swap"].out)
-    _, got = sess.run(None, {k: enc[k].astype(np.int64) for k in results["swap"].manifest["inputs"]})
+    _, got = sess.run(None, {k: enc[k].astype(np.int64) for k in results["swap"].manifest.inputs})
     np.testing.assert_allclose(got, want, atol=1e-5)

@@ -12,6 +12,7 @@ from conftest import tiny_bert
 
 from embdeploy.export import base as base_export
 from embdeploy.export import export_base
+from embdeploy.export.manifest import ExportManifest
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
@@ -21,7 +22,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 def test_torch_base_graph_declares_no_intermediate_shapes_and_model_keeps_its_attention(tmp_path):
     model = tiny_bert()
     model.set_attn_implementation("sdpa")
-    entry = export_base(model, cache_dir=tmp_path)
+    made = export_base(model, cache_dir=tmp_path)
+    assert not made.cached
+    entry = made.path
     assert model.config._attn_implementation == "sdpa"  # switched to eager for the export only
 
     proto = onnx.load(str(entry / "model.onnx"), load_external_data=False)
@@ -35,5 +38,5 @@ def test_torch_base_graph_declares_no_intermediate_shapes_and_model_keeps_its_at
     optimized = {n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node}
     assert "SkipLayerNormalization" not in optimized and "LayerNormalization" in optimized
 
-    manifest = base_export.verify_dir(entry)
-    assert manifest["source"]["recipe"] == base_export.TORCH_RECIPE  # a cache made before the recipe is rebuilt
+    manifest = ExportManifest.verify(entry)
+    assert manifest.source["recipe"] == base_export.TORCH_RECIPE  # a cache made before the recipe is rebuilt

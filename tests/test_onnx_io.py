@@ -13,7 +13,8 @@ from onnx.external_data_helper import ExternalDataInfo
 
 from embdeploy.errors import EmbdeployError
 from embdeploy.onnx.io import load_model, save_model, set_location
-from embdeploy.onnx.rewrite import EXT_EMBED, rewrite_swap, swap_session_options
+from embdeploy.onnx.rewrite import EXT_EMBED, rewrite_swap
+from embdeploy.ort import swap_session_options
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -24,8 +24,8 @@ from embdeploy.onnx.rewrite import (
     rewrite_merged,
     rewrite_split,
     rewrite_swap,
-    swap_session_options,
 )
+from embdeploy.ort import swap_session_options
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -388,15 +388,19 @@ def test_swaps_under_load_never_mix_tables(exports):
         tenants[t.metadata()["extension_fingerprint"]] = {text: t.encode(text)["sentence_embedding"] for text in TEXTS}
     stop = threading.Event()
 
+    swaps = []  # one entry per swap done
+
     def swapper():
         dirs = [exports.dir_b, exports.dir_a]
-        n = 0
         while not stop.is_set():
-            session.swap_extension(dirs[n % 2])
-            n += 1
-        swapper.count = n
+            session.swap_extension(dirs[len(swaps) % 2])
+            swaps.append(1)
 
     def work(i):
+        if i >= 150:  # the second half of the calls starts only once several swaps happened, however loaded the machine
+            deadline = time.perf_counter() + 120
+            while len(swaps) < 3 and time.perf_counter() < deadline:
+                time.sleep(0.01)
         pinned = session.snapshot()
         text = TEXTS[i % len(TEXTS)]
         got = pinned.encode(text)["sentence_embedding"]
@@ -409,4 +413,4 @@ def test_swaps_under_load_never_mix_tables(exports):
     finally:
         stop.set()
         thread.join(30)
-    assert errors == [] and calls == 300 and swapper.count > 2
+    assert errors == [] and calls == 300 and len(swaps) > 2

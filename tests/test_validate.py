@@ -134,8 +134,8 @@ def test_validate_dir_uses_the_recorded_extension_dir(tmp_path, export_cache, wo
     ext.save(tmp_path / "ext")
 
     res = export_extension(tmp_path / "ext", "swap", tmp_path / "onnx", cache_dir=export_cache)
-    assert res.manifest["extension_dir"] == str((tmp_path / "ext").resolve())
-    assert res.manifest["base_model"]["task"] == "feature-extraction"
+    assert res.manifest.extension_dir == str((tmp_path / "ext").resolve())
+    assert res.manifest.base_model["task"] == "feature-extraction"
     report = validate_dir(tmp_path / "onnx")
     assert report.passed and report.new_ids_checked == 2
     j = report.to_json()
@@ -145,7 +145,7 @@ def test_validate_dir_uses_the_recorded_extension_dir(tmp_path, export_cache, wo
     text = report.render()
     assert "validation passed: swap float32 on cpu" in text and "2 new ids checked" in text
 
-    moved = read_manifest(tmp_path / "onnx")["extension_dir"]
+    moved = read_manifest(tmp_path / "onnx").extension_dir
     shutil.move(moved, tmp_path / "ext-moved")
     with pytest.raises(EmbdeployError, match="does not exist any more; pass it with --ext EXT_DIR"):
         validate_dir(tmp_path / "onnx")
@@ -262,7 +262,7 @@ def test_base_export_validates_on_base_probes(split_export):
     from pathlib import Path
 
     ext, out = split_export
-    base = Path(read_manifest(out)["base_onnx"])
+    base = Path(read_manifest(out).base_onnx)
     ext.model.train()  # validation compares in eval mode and gives the mode back
     report = validate(base, ext)
     assert ext.model.training
@@ -274,7 +274,7 @@ def test_base_export_validates_on_base_probes(split_export):
 
 def test_a_session_that_fell_back_to_cpu_is_refused():
     # ORT only logs a warning when CUDA cannot start and runs on the CPU; a "CUDA validation" must not pass that way.
-    from embdeploy.ortimport import require_provider, wants_cuda
+    from embdeploy.ort import require_provider, wants_cuda
 
     class FellBack:
         def get_providers(self):

@@ -34,16 +34,16 @@ def test_optimum_backend_export_is_validated(extensions, export_cache, tmp_path,
     res = export_extension(ext, mode, tmp_path / "out", backend="optimum", cache_dir=export_cache)
 
     base = read_manifest(res.base_onnx)
-    assert base["source"]["backend"] == "optimum" and res.base_onnx.name.endswith("-optimum")
+    assert base.source["backend"] == "optimum" and res.base_onnx.name.endswith("-optimum")
     assert res.report.passed and res.report.new_ids_checked == ext.K == 4
-    assert res.manifest["outputs"] == OUTPUTS[arch] == base["outputs"]
+    assert list(res.manifest.outputs) == OUTPUTS[arch] == list(base.outputs)
     assert {c.output for c in res.report.checks} == set(OUTPUTS[arch])  # every output compared with PyTorch
     probes = {c.probe for c in res.report.checks}
     assert {"new ids (direct)", "padding", "one token"} <= probes
     if mode == "swap":
         assert any(p.startswith("swapped table: ") for p in probes)
     if arch == "gpt2":  # optimum feeds position_ids to decoders; validation must fill them
-        assert res.manifest["input_roles"].get("position_ids") == "position_ids"
+        assert res.manifest.input_roles.get("position_ids") == "position_ids"
 
 
 def test_optimum_backend_and_torch_backend_agree(extensions, export_cache, tmp_path):

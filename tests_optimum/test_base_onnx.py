@@ -27,7 +27,7 @@ def test_optimum_cli_base_is_rewritten_and_validated(extensions, optimum_bases, 
     base_outputs = [o.name for o in graph.output]
     ext, _ = extensions[arch]
     res = export_extension(ext, mode, tmp_path / "out", base_onnx=base)
-    m = res.manifest
+    m = res.manifest.to_json()
     assert res.report.passed and res.base_cached and m["base_onnx"] == str(base.resolve())
     assert m["outputs"] == base_outputs  # a user's base keeps its interface
     assert {c.output for c in res.report.checks} == set(base_outputs)  # and every output was compared
@@ -60,7 +60,7 @@ def test_decoder_with_past_base_is_rewritten_and_validated(extensions, optimum_b
     base, graph, past = _with_past(optimum_bases, arch)
     ext, _ = extensions[arch]
     res = export_extension(ext, mode, tmp_path / "out", base_onnx=base)
-    m, report = res.manifest, res.report
+    m, report = res.manifest.to_json(), res.report
     assert report.passed and report.new_ids_checked == ext.K
     assert m["outputs"] == [o.name for o in graph.output]
     assert m["kv_cache"] == {p: p.replace("past_key_values", "present") for p in past}

@@ -134,7 +134,7 @@ def measure_multi_cuda(spec: dict) -> dict:
     """N tenants on one GPU, each with a different extension: device memory per tenant.
 
     A CUDA session copies every initializer to the device and cannot take a
-    tenant's table through the session options (see rewrite.swap_session_options),
+    tenant's table through the session options (see ort.swap_session_options),
     so on CUDA the two ways to serve N extensions are: swap, one session whose
     extension table is fed from GPU memory with every run (each tenant's table
     bound through IO binding, as runtime.Session does), and merged, one session

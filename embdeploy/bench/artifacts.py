@@ -1,119 +1,27 @@
 """Read the ONNX directories that `embdeploy export` writes, for benchmarking.
 
-Only `embdeploy.json` and the ONNX graph (without its external data) are read
-here; tables are read lazily by the memory measurements that need them.
+Each directory's `embdeploy.json` is read and verified (every file against its
+digest, the fields against the graph), so a benchmark times what validation
+vouched for; tables are read lazily by the memory measurements that need them.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EmbdeployError, raise_all
+from ..export.manifest import ExportManifest
 
-MODES = ("base", "merged", "split", "swap")
-SUPPORTED_FORMAT_VERSIONS = (1,)
-
-
-@dataclass(frozen=True)
-class OnnxArtifact:
-    """One export directory: where it is and what its embdeploy.json says."""
-
-    path: Path
-    mode: str
-    task: str
-    V: int  # base rows
-    K: int  # new rows, 0 for a base export
-    H: int
-    dtype: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    model_file: str
-    ext_embed: str | None  # initializer name of the (K, H) extension table (split/swap)
-    ext_head: str | None
-    base_onnx: Path | None
-
-    @property
-    def model_path(self) -> Path:
-        return self.path / self.model_file
-
-    def describe(self) -> dict:
-        return {"path": str(self.path), "mode": self.mode, "task": self.task, "V": self.V, "K": self.K, "H": self.H,
-                "dtype": self.dtype}
+def load_artifact(path: str | Path) -> ExportManifest:
+    """Read and verify one export directory; every problem with it is raised at once."""
+    return ExportManifest.verify(path)
 
 
-def load_artifact(path: str | Path) -> OnnxArtifact:
-    """Read one export directory; every problem with it is raised at once."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise EmbdeployError(f"ONNX directory {path} does not exist; pass a directory written by `embdeploy export`")
-    if not path.is_dir():
-        raise EmbdeployError(
-            f"{path} is a file, not an ONNX directory; pass the directory that holds model.onnx and embdeploy.json"
-        )
-    meta_path = path / "embdeploy.json"
-    if not meta_path.is_file():
-        raise EmbdeployError(
-            f"{path} has no embdeploy.json, so it is not an embdeploy ONNX directory; pass a directory written by "
-            "`embdeploy export` (for the base model's own export, the cached one each export records as "
-            "base_onnx in its embdeploy.json)"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EmbdeployError(f"{meta_path} is not valid JSON ({e}); re-run `embdeploy export` to rewrite it") from None
-    if not isinstance(meta, dict):
-        raise EmbdeployError(f"{meta_path} does not hold a JSON object; re-run `embdeploy export` to rewrite it")
-
-    problems = []
-    if meta.get("kind") != "embdeploy-onnx":
-        problems.append(f"kind is {meta.get('kind')!r}, expected 'embdeploy-onnx'")
-    if meta.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
-        problems.append(
-            f"format_version {meta.get('format_version')!r} is not one this embdeploy reads "
-            f"({', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export with this version or upgrade embdeploy"
-        )
-    mode = meta.get("mode")
-    if mode not in MODES:
-        problems.append(f"mode is {mode!r}, expected one of {', '.join(MODES)}")
-    for key in ("V", "K", "H"):
-        if not isinstance(meta.get(key), int) or meta[key] < 0:
-            problems.append(f"{key} is {meta.get(key)!r}, expected a non-negative integer")
-    if mode == "base" and meta.get("K") not in (0, None):
-        problems.append(f"a base export must have K=0, found K={meta.get('K')}")
-    if mode in ("merged", "split", "swap") and meta.get("K") == 0:
-        problems.append(f"a {mode} export must have K>0 new rows, found K=0")
-    inputs = meta.get("inputs")
-    if not isinstance(inputs, list) or "input_ids" not in inputs:
-        problems.append(f"inputs is {inputs!r}, expected a list that contains 'input_ids'")
-    model_file = meta.get("model_file", "model.onnx")
-    if not (path / model_file).is_file():
-        problems.append(f"model file {model_file} is missing from the directory")
-    ext = meta.get("extension_initializers") or {}
-    if mode in ("split", "swap") and not ext.get("embed"):
-        problems.append(f"a {mode} export must name its extension table in extension_initializers.embed")
-    raise_all(problems, f"{meta_path} cannot be benchmarked; re-run `embdeploy export` to rewrite it:")
-
-    base_onnx = meta.get("base_onnx")
-    return OnnxArtifact(
-        path=path.resolve(),
-        mode=mode,
-        task=meta.get("task", "feature-extraction"),
-        V=meta["V"],
-        K=meta["K"],
-        H=meta["H"],
-        dtype=meta.get("dtype", "float32"),
-        inputs=tuple(inputs),
-        outputs=tuple(meta.get("outputs") or ()),
-        model_file=model_file,
-        ext_embed=ext.get("embed"),
-        ext_head=ext.get("head"),
-        base_onnx=Path(base_onnx) if base_onnx else None,
-    )
+def _recorded_base(a: ExportManifest) -> Path | None:
+    return Path(a.base_onnx) if a.base_onnx else None
 
 
-def resolve_artifacts(onnx_dirs, base_dir=None) -> tuple[OnnxArtifact, list[OnnxArtifact]]:
+def resolve_artifacts(onnx_dirs, base_dir=None) -> tuple[ExportManifest, list[ExportManifest]]:
     """Return (base, variants).
 
     The base is `base_dir` when given, else a mode-"base" directory among
@@ -136,7 +44,7 @@ def resolve_artifacts(onnx_dirs, base_dir=None) -> tuple[OnnxArtifact, list[Onnx
             )
     else:
         bases = [a for a in arts if a.mode == "base"]
-        recorded = {a.base_onnx for a in arts if a.base_onnx is not None}
+        recorded = {_recorded_base(a) for a in arts if a.base_onnx}
         if bases:
             base = bases[0]
         elif len(recorded) == 1:
@@ -176,7 +84,7 @@ def resolve_artifacts(onnx_dirs, base_dir=None) -> tuple[OnnxArtifact, list[Onnx
     return base, variants
 
 
-def variant_labels(base: OnnxArtifact, variants: list[OnnxArtifact]) -> list[str]:
+def variant_labels(base: ExportManifest, variants: list[ExportManifest]) -> list[str]:
     """Short unique names: the mode, or mode:dirname when a mode repeats ('base' is the base itself)."""
     modes = [v.mode for v in variants]
     labels = []

@@ -10,19 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EmbdeployError
+from ..ort import ORT_TO_NUMPY, empty_past, role_arrays
 
 BASE_MIX = "base-ids"
 NEW_MIX = "new-ids"
-
-_ORT_TO_NUMPY = {
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(bool)": np.bool_,
-}
-
 
 def token_ids(batch: int, seq: int, V: int, K: int, mix: str, new_fraction: float, seed: int) -> np.ndarray:
     """(batch, seq) int64 ids; for NEW_MIX a `new_fraction` of positions (at least one) are new ids."""
@@ -45,37 +36,17 @@ def token_ids(batch: int, seq: int, V: int, K: int, mix: str, new_fraction: floa
     return ids
 
 
-def empty_past(inp, batch: int) -> np.ndarray | None:
-    """A zero-length KV cache for ORT input `inp` (a NodeArg): (batch, heads, 0, head_dim) in its dtype.
-
-    The heads and head_dim axes must be fixed in the graph; None when they are not
-    (or the input is not a 4-D float tensor), so the caller can name the input.
-    """
-    dtype = _ORT_TO_NUMPY.get(inp.type)
-    dims = list(inp.shape)
-    if dtype is None or not np.issubdtype(dtype, np.floating) or len(dims) != 4:
-        return None
-    if not all(isinstance(d, int) for d in (dims[1], dims[3])):
-        return None
-    return np.zeros((batch, dims[1], 0, dims[3]), dtype)
-
-
 def session_feed(session, ids: np.ndarray) -> dict[str, np.ndarray]:
     """The feed dict for `session`: ids plus the companion inputs its graph declares."""
     batch, seq = ids.shape
+    roles = role_arrays(ids)
     feed = {}
     unsupported = []
     for inp in session.get_inputs():
-        dtype = _ORT_TO_NUMPY.get(inp.type)
+        dtype = ORT_TO_NUMPY.get(inp.type)
         name = inp.name
-        if name == "input_ids":
-            value = ids
-        elif name == "attention_mask":
-            value = np.ones((batch, seq), np.int64)
-        elif name == "token_type_ids":
-            value = np.zeros((batch, seq), np.int64)
-        elif name == "position_ids":
-            value = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        if name in roles:
+            value = roles[name]
         elif name.startswith(("past_key_values", "past_key", "past_value")) and dtype is not None:
             value = empty_past(inp, batch)
             if value is None:

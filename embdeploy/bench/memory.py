@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import EmbdeployError
-from .artifacts import OnnxArtifact
+from ..export.manifest import ExportManifest
 from .result import MultiSessionRow, SessionCost
 
 CHILD_TIMEOUT_S = 900
@@ -43,14 +43,14 @@ def _run_child(command: str, spec: dict) -> dict:
     return out
 
 
-def session_cost(art: OnnxArtifact, label: str, provider: str, threads: int) -> SessionCost:
+def session_cost(art: ExportManifest, label: str, provider: str, threads: int) -> SessionCost:
     """Creation time and memory of one session of `art`, alone in a fresh process."""
     spec = {"model": str(art.model_path), "provider": provider, "threads": threads, "V": art.V, "K": art.K}
     out = _run_child("session", spec)
     return SessionCost(provider=provider, variant=label, mode=art.mode, **out)
 
 
-def multi_session(art: OnnxArtifact, n: int, threads: int, prepacking: bool, provider: str = "cpu") -> MultiSessionRow:
+def multi_session(art: ExportManifest, n: int, threads: int, prepacking: bool, provider: str = "cpu") -> MultiSessionRow:
     """N sessions of a swap or merged export in one fresh process, each with a different extension.
 
     provider "cuda" measures GPU memory per tenant (see _child.measure_multi_cuda).

@@ -11,7 +11,8 @@ from typing import Callable, Iterable
 from ..errors import EmbdeployError
 from . import memory, procmem
 from . import sessions as ortsess
-from .artifacts import OnnxArtifact, resolve_artifacts, variant_labels
+from ..export.manifest import ExportManifest
+from .artifacts import resolve_artifacts, variant_labels
 from .inputs import BASE_MIX, NEW_MIX, session_feed, token_ids
 from .result import BenchResult, LatencyRow, Skipped, VariantInfo, shape_name
 from .timing import Entry, calibrate_inner, run_rounds, summarize
@@ -107,7 +108,7 @@ def run_bench(
     labels = variant_labels(base, variants)
     if texts is not None and not variants:
         raise EmbdeployError("--texts compares extended exports with the base: pass at least one extended export")
-    arts: list[tuple[str, OnnxArtifact]] = [("base", base)] + list(zip(labels, variants))
+    arts: list[tuple[str, ExportManifest]] = [("base", base)] + list(zip(labels, variants))
 
     result = BenchResult(
         settings={
@@ -270,7 +271,7 @@ def _multi_cuda(result: BenchResult, arts, n: int, threads: int, say: Progress) 
             result.skipped.append(Skipped(f"cuda: {n} {mode} tenants", str(e)))
 
 
-def _info(label: str, a: OnnxArtifact) -> VariantInfo:
+def _info(label: str, a: ExportManifest) -> VariantInfo:
     return VariantInfo(label=label, mode=a.mode, path=str(a.path), V=a.V, K=a.K, H=a.H)
 
 

@@ -90,19 +90,20 @@ class _Runner:
         return self.session.run(self.feeds(texts))
 
 
-def _vector(out: dict, mask: np.ndarray, meta: dict) -> np.ndarray:
-    """One vector per text from an output dict (see the module docstring)."""
+def _vector(out: dict, mask: np.ndarray, meta) -> np.ndarray:
+    """`meta`: the base export's ExportManifest (pooling, V, task)."""
+    # one vector per text from an output dict (see the module docstring)
     if "sentence_embedding" in out:
         return np.asarray(out["sentence_embedding"], np.float64)
     if "last_hidden_state" in out:
         h = np.asarray(out["last_hidden_state"], np.float64)
-        if meta.get("pooling") == "cls":
+        if (meta.pooling or {}).get("mode") == "cls":
             return h[:, 0]
         m = mask[..., None].astype(np.float64)
         return (h * m).sum(1) / np.maximum(m.sum(1), 1.0)
     if "logits" in out:
-        lg = np.asarray(out["logits"], np.float64)[..., : meta["V"]]
-        if meta.get("task") == "text-generation":
+        lg = np.asarray(out["logits"], np.float64)[..., : meta.V]
+        if meta.task == "text-generation":
             last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)  # last real position, either padding side
             return lg[np.arange(len(lg)), last]
         m = mask[..., None].astype(np.float64)
@@ -131,8 +132,7 @@ def measure_texts(base_art, variant_arts, labels, texts: list[str], batch_sizes,
     runners = {"base": _Runner(base_sess, base_tokenizer(first.tokenizer, base_art.V), limit)}
     for label, s in sessions.items():
         runners[label] = _Runner(s, s.tokenizer, limit)
-    meta = {"V": base_art.V, "task": base_art.task, "pooling": json.loads((Path(base_art.path) / "embdeploy.json")
-                                                                           .read_text()).get("pooling")}
+    meta = base_art
 
     # tokens and fidelity, all texts, batch 32 (not timed)
     vecs, tokens, truncated = {}, {}, {}
@@ -189,7 +189,7 @@ def _what(meta, outputs) -> str:
     if "sentence_embedding" in outputs:
         return "sentence_embedding"
     if "last_hidden_state" in outputs:
-        return f"last_hidden_state, {meta.get('pooling') or 'mean'}-pooled"
-    if meta.get("task") == "text-generation":
+        return f"last_hidden_state, {(meta.pooling or {}).get('mode') or 'mean'}-pooled"
+    if meta.task == "text-generation":
         return "logits at the last position (base vocabulary)"
     return "logits, mean over positions (base vocabulary)"

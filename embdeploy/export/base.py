@@ -25,15 +25,13 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EmbdeployError
 from ..fingerprint import table_fingerprint
 from ..fsutil import atomic_output_dir, check_output_dir
-from .manifest import (
-    CREATED_BY, FORMAT_VERSION, KIND, MANIFEST, digests, dtype_name, publishable, short_dtype, verify_dir,
-    write_manifest,
-)
+from .manifest import MANIFEST, ExportManifest, dtype_name, publishable, short_dtype
 
 OPSET = 18
 # How the torch backend's graph is made, beyond torch.onnx's own options (in the cache key, so a change
@@ -41,10 +39,17 @@ OPSET = 18
 # in ONNX Runtime, see _torch_export.
 TORCH_RECIPE = "eager-attention,no-value-info"
 BACKENDS = ("torch", "optimum")
-EXPORT_COUNT = 0  # exports run in this process (torch or optimum); the cache keeps it low
 _DUMMY_SHAPE = (2, 16)  # (batch, sequence); validation probes other shapes on purpose
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
                          "_attn_implementation_autoset", "_commit_hash")
+
+
+@dataclass(frozen=True)
+class BaseExport:
+    """Where the base export is, and whether it came from the cache (no export or quantization ran)."""
+
+    path: Path
+    cached: bool
 
 
 def cache_root(cache_dir=None) -> Path:
@@ -164,11 +169,11 @@ def export_base(
     overwrite: bool = False,
     progress=None,
     quantize: str | None = None,
-) -> Path:
+) -> BaseExport:
     """Export the base model of `ext_or_model` (an Extension, or a plain transformers model) once.
 
     Returns the cache directory (model.onnx, model.onnx.data, embdeploy.json with
-    mode "base", K=0). With `out`, the export is also copied to that directory
+    mode "base", K=0) and whether it was found there. With `out`, the export is also copied to that directory
     (atomically; `overwrite` to replace it). `task` and `pooling` default to the
     extension's base info (a plain model: task from its class, no pooling).
     """
@@ -193,20 +198,23 @@ def export_base(
                 if dtype != "fp32":
                     raise EmbdeployError("--quantize int8 starts from the float32 base; drop --dtype fp16")
                 source["quantize"] = scheme(quantize)
-            if _cache_hit(entry, source):
+            cached = _cache_hit(entry, source)
+            if cached:
                 say(f"base export found in the cache: {entry}")
             else:
                 if quantize:
                     from ..onnx.io import load_model
                     from .quantize import quantize_proto
 
-                    fp32_dir = export_base(plain, base.task, base.pooling, "fp32", backend, cache_dir, progress=progress)
+                    fp32_dir = export_base(plain, base.task, base.pooling, "fp32", backend, cache_dir,
+                                           progress=progress).path
                     say(f"quantizing the base export ({quantize}, onnxruntime dynamic, per-channel MatMul weights)")
                     head = plain.get_output_embeddings() if hasattr(plain, "get_output_embeddings") else None
                     proto = quantize_proto(load_model(fp32_dir), base.model.get_input_embeddings().weight.detach().numpy(),
                                            head.weight.detach().numpy() if head is not None else None)
                 elif dtype == "fp16":
-                    fp32_dir = export_base(plain, base.task, base.pooling, "fp32", backend, cache_dir, progress=progress)
+                    fp32_dir = export_base(plain, base.task, base.pooling, "fp32", backend, cache_dir,
+                                           progress=progress).path
                     say("casting the base export to float16")
                     proto = _fp16_from(fp32_dir)
                 else:
@@ -220,17 +228,17 @@ def export_base(
             publishable(tmp)
             for p in entry.iterdir():
                 shutil.copy2(p, tmp / p.name)
-    return Path(out) if out is not None else entry
+    return BaseExport(Path(out) if out is not None else entry, cached)
 
 
 def _cache_hit(entry: Path, source: dict) -> bool:
     if not (entry / MANIFEST).is_file():
         return False
     try:
-        m = verify_dir(entry)
+        m = ExportManifest.verify(entry)
     except EmbdeployError:
         return False  # tampered or half-deleted: rebuilt
-    return m.get("mode") == "base" and m.get("source") == source
+    return m.mode == "base" and m.source == source
 
 
 def _fp16_from(fp32_dir: Path):
@@ -241,11 +249,9 @@ def _fp16_from(fp32_dir: Path):
 
 
 def _export_proto(base: _Base, backend: str):
-    global EXPORT_COUNT
     from ..onnx.io import load_model
     from .wrapper import OutputWrapper
 
-    EXPORT_COUNT += 1
     with tempfile.TemporaryDirectory(prefix="embdeploy-base-") as tmp:
         if backend == "optimum":
             return _rename_outputs(load_model(_optimum_export(base, Path(tmp))), _OPTIMUM_RENAMES)
@@ -449,31 +455,9 @@ def _write_base(entry: Path, proto, base: _Base, source: dict) -> None:
     with atomic_output_dir(entry, overwrite=True, kind="export") as tmp:
         publishable(tmp)
         save_model(proto, tmp)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "kind": KIND,
-            "mode": "base",
-            "task": base.task,
-            "V": base.V,
-            "K": 0,
-            "H": base.H,
-            "dtype": source["dtype"],
-            "inputs": list(roles),
-            "input_roles": roles,
-            "outputs": graph_outputs(proto),
-            "kv_cache": cache,
-            "model_file": "model.onnx",
-            "extension_initializers": {"embed": None, "head": None},
-            "base_onnx": None,
-            "base_fingerprint": {"embed": base.embed_fp, "head": base.head_fp},
-            "extension_fingerprint": None,
-            "head": base.head_mode,
-            "tokens": [],
-            "pooling": base.pooling,
-            "quantization": source.get("quantize"),
-            "source": source,
-            "files": digests(tmp),
-            "validation": None,
-            "created_by": CREATED_BY,
-        }
-        write_manifest(tmp, manifest)
+        ExportManifest(
+            mode="base", task=base.task, V=base.V, K=0, H=base.H, dtype=source["dtype"], inputs=tuple(roles),
+            input_roles=roles, outputs=tuple(graph_outputs(proto)), files={}, kv_cache=cache,
+            base_fingerprint={"embed": base.embed_fp, "head": base.head_fp}, head=base.head_mode,
+            pooling=base.pooling, quantization=source.get("quantize"), source=source,
+        ).with_files(tmp).write(tmp)

@@ -19,6 +19,7 @@ written to `.NAME.partial-*` first and renamed at the end; a failed validation
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,8 @@ from typing import TYPE_CHECKING
 from ..errors import EmbdeployError, FingerprintMismatch
 from ..fsutil import atomic_output_dir, check_output_dir
 from ..models import save_tokenizer
+from .manifest import MANIFEST, ExportManifest, dtype_name, publishable, short_dtype
 from .st_layout import write_st_layout
-from .manifest import (
-    CREATED_BY, FORMAT_VERSION, KIND, MANIFEST, digests, dtype_name, publishable, read_manifest, short_dtype,
-    verify_dir, write_manifest,
-)
 
 if TYPE_CHECKING:
     from .validate import ValidationReport
@@ -47,7 +45,7 @@ class ExportResult:
     dtype: str  # "float32" | "float16"
     base_onnx: Path  # the base export (directory or file) that was rewritten
     base_cached: bool  # True when the base came from the cache or --base-onnx (no torch export ran)
-    manifest: dict
+    manifest: ExportManifest
     report: ValidationReport | None  # None with validate=False
     timings: dict[str, float] = field(default_factory=dict)  # seconds: base, rewrite, write, validate, total
 
@@ -81,7 +79,7 @@ def export_extension(
     from . import base as base_export
     from .graph import cache_outputs, input_roles, to_float16
     from .validate import PROVIDERS
-    from .validate import validate as run_validation
+    from .validate import validate_manifest
 
     say = progress or (lambda msg: None)
     t_start = time.perf_counter()
@@ -124,24 +122,24 @@ def export_extension(
         base_path, base_manifest = _user_base(Path(base_onnx), ext)
         base_cached = True
     else:
-        exports_before = base_export.EXPORT_COUNT
-        base_path = base_export.export_base(ext, dtype=dtype, backend=backend, cache_dir=cache_dir, progress=say,
-                                            quantize=quantize)
-        base_manifest = read_manifest(base_path)
-        base_cached = base_export.EXPORT_COUNT == exports_before
+        made = base_export.export_base(ext, dtype=dtype, backend=backend, cache_dir=cache_dir, progress=say,
+                                       quantize=quantize)
+        base_path, base_cached = made.path, made.cached
+        base_manifest = ExportManifest.read(base_path)
     timings["base"] = time.perf_counter() - t
 
     say(f"rewriting the base graph ({mode}, K={ext.K})")
     t = time.perf_counter()
     proto = load_model(base_path)
     base_table = ext.base_table().detach().cpu().numpy()
-    if quantize and base_onnx is not None and not (base_manifest or {}).get("quantization"):
+    base_quantized = base_manifest is not None and base_manifest.quantization
+    if quantize and base_onnx is not None and not base_quantized:
         from .quantize import quantize_proto
 
         say(f"quantizing the given base ({quantize})")  # a user's file is quantized here, not cached
         proto = quantize_proto(proto, base_table, ext.base_head_table().detach().cpu().numpy()
                                if ext.head_mode == "untied" else None)
-    if not quantize and (base_manifest or {}).get("quantization"):
+    if not quantize and base_quantized:
         raise EmbdeployError(f"--base-onnx {base_onnx} is an int8 base; pass --quantize int8, or the float32 base")
     emb = rw.find_embedding(proto, base_table)
     if emb.dtype.name == "float16" and dtype == "fp32":
@@ -150,7 +148,7 @@ def export_extension(
         )
     if emb.dtype.name == "float32" and dtype == "fp16":
         proto = to_float16(proto)  # a user's float32 base (ours come from the cache already cast)
-    roles = (base_manifest or {}).get("input_roles") or input_roles(proto, emb.gathers)
+    roles = (base_manifest.input_roles if base_manifest is not None else None) or input_roles(proto, emb.gathers)
     cache = cache_outputs(proto, roles)  # {past_key_values.*: present.*}; empty without a KV cache
     head_table = head_ext = None
     if ext.head_mode == "untied":
@@ -179,21 +177,21 @@ def export_extension(
         if quantize:
             from .quantize import scheme
 
-            manifest["quantization"] = scheme(quantize)
-        write_manifest(tmp, manifest)
+            manifest = dataclasses.replace(manifest, quantization=scheme(quantize))
+        manifest.write(tmp)
         timings["write"] = time.perf_counter() - t
         if validate:
             say(f"validating against PyTorch on {provider}")
             t = time.perf_counter()
-            report = run_validation(tmp, ext, provider=provider, _partial=True, _shown_as=out)
+            report = validate_manifest(dataclasses.replace(manifest, directory=Path(tmp)), ext, provider, shown_as=out)
             timings["validate"] = time.perf_counter() - t
-            manifest["validation"] = report.to_json()
-            write_manifest(tmp, manifest)
+            manifest = dataclasses.replace(manifest, validation=report.to_json())
+            manifest.write(tmp)
     timings["total"] = time.perf_counter() - t_start
     return ExportResult(out, mode, dtype_name(dtype), base_path, base_cached, manifest, report, timings)
 
 
-def _user_base(path: Path, ext) -> tuple[Path, dict | None]:
+def _user_base(path: Path, ext) -> tuple[Path, ExportManifest | None]:
     """An ONNX file or directory given with --base-onnx; our own base exports are verified first."""
     path = path.expanduser().resolve()
     if not path.exists():
@@ -201,12 +199,12 @@ def _user_base(path: Path, ext) -> tuple[Path, dict | None]:
     manifest = None
     if path.is_dir():
         if (path / MANIFEST).is_file():
-            manifest = verify_dir(path)
-            if manifest["mode"] != "base":
+            manifest = ExportManifest.verify(path)
+            if manifest.mode != "base":
                 raise EmbdeployError(
-                    f"--base-onnx {path} is a {manifest['mode']!r} export (already extended); pass the base export"
+                    f"--base-onnx {path} is a {manifest.mode!r} export (already extended); pass the base export"
                 )
-            fp = manifest.get("base_fingerprint", {}).get("embed")
+            fp = manifest.base_fingerprint.get("embed")
             if fp != ext.base_fingerprint:
                 raise FingerprintMismatch(
                     f"--base-onnx {path} was exported from another base (embedding fingerprint {str(fp)[:23]}…, "
@@ -219,7 +217,7 @@ def _user_base(path: Path, ext) -> tuple[Path, dict | None]:
     return path, manifest
 
 
-def _manifest(ext, mode, dtype, tmp: Path, base_path: Path, extension_dir, roles, cache) -> dict:
+def _manifest(ext, mode, dtype, tmp: Path, base_path: Path, extension_dir, roles, cache) -> ExportManifest:
     import onnx
 
     from ..onnx.rewrite import EXT_EMBED, EXT_HEAD
@@ -228,37 +226,23 @@ def _manifest(ext, mode, dtype, tmp: Path, base_path: Path, extension_dir, roles
     graph = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
     fed = graph_inputs(graph)
     info = ext.base_info
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": KIND,
-        "mode": mode,
-        "task": _task(ext),
-        "V": ext.V,
-        "K": ext.K,
-        "H": ext.H,
-        "dtype": dtype_name(dtype),
-        "inputs": fed,
-        "input_roles": {n: roles[n] for n in fed if n in roles},
-        "outputs": graph_outputs(graph),
-        "kv_cache": cache,
-        "model_file": "model.onnx",
-        "extension_initializers": {
+    task = _task(ext)
+    return ExportManifest(
+        mode=mode, task=task, V=ext.V, K=ext.K, H=ext.H, dtype=dtype_name(dtype), inputs=tuple(fed),
+        input_roles={n: roles[n] for n in fed if n in roles}, outputs=tuple(graph_outputs(graph)), files={},
+        kv_cache=cache,
+        extension_initializers={
             "embed": EXT_EMBED if mode != "merged" else None,
             "head": EXT_HEAD if mode != "merged" and ext.head_mode == "untied" else None,
         },
-        "base_onnx": str(base_path),
-        "base_fingerprint": {"embed": ext.base_fingerprint, "head": ext.head_fingerprint},
-        "extension_fingerprint": ext.extension_fingerprint(),
-        "extension_dir": str(extension_dir) if extension_dir else None,
-        "base_model": info.to_json(),
-        "head": ext.head_mode,
-        "tokens": [{"token": t, "id": i} for t, i in ext.token_ids.items()],
-        "base_tokenizer": ext.base_tokenizer_record(),
-        "pooling": info.pooling if _task(ext) == "feature-extraction" else None,
-        "files": digests(tmp),
-        "validation": None,
-        "created_by": CREATED_BY,
-    }
+        base_onnx=str(base_path),
+        base_fingerprint={"embed": ext.base_fingerprint, "head": ext.head_fingerprint},
+        extension_fingerprint=ext.extension_fingerprint(),
+        extension_dir=str(extension_dir) if extension_dir else None,
+        base_model=info.to_json(), head=ext.head_mode, tokens=tuple(ext.token_ids),
+        base_tokenizer=ext.base_tokenizer_record(),
+        pooling=info.pooling if task == "feature-extraction" else None,
+    ).with_files(tmp)
 
 
 def _task(ext) -> str:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EmbdeployError, FingerprintMismatch, ValidationFailed
-from ..ortimport import import_ort, require_provider
+from ..ort import ORT_INT, create_session, import_ort, role_arrays, session_options, swap_session_options
 
 # --------------------------------------------------------------------------- tolerances
 
@@ -382,19 +382,6 @@ def _reference_failure(ext, e: Exception) -> str:
     return msg
 
 
-def _role_feeds(probe: Probe) -> dict[str, np.ndarray]:
-    mask = probe.attention_mask
-    return {
-        "input_ids": probe.input_ids,
-        "attention_mask": mask,
-        "token_type_ids": np.zeros_like(probe.input_ids),
-        "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64),
-    }
-
-
-_ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
 def _session(model_path: Path, provider: str, options=None):
     if provider not in PROVIDERS:
         raise EmbdeployError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
@@ -405,14 +392,8 @@ def _session(model_path: Path, provider: str, options=None):
             f"ONNX Runtime here has no {wanted} (available: {', '.join(ort.get_available_providers())}); "
             "install onnxruntime-gpu for cuda, or validate with provider cpu"
         )
-    so = options or ort.SessionOptions()
-    so.log_severity_level = 3  # swap models: ORT notes its overridable initializers at every load
-    try:
-        sess = ort.InferenceSession(str(model_path), so, providers=PROVIDERS[provider])
-    except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-        raise EmbdeployError(f"ONNX Runtime cannot load {model_path}: {str(e).splitlines()[0]}") from None
-    require_provider(sess, wanted, model_path)  # a CPU fallback must not pass as a CUDA validation
-    return sess
+    # explicit: a CPU fallback must not pass as a CUDA validation
+    return create_session(model_path, PROVIDERS[provider], options or session_options(), explicit=True)
 
 
 def _run_probes(sess, roles: dict[str, str], reference, probes, tol, report, label: str = "", base_V=None,
@@ -460,7 +441,7 @@ def _run_probes(sess, roles: dict[str, str], reference, probes, tol, report, lab
                 report.checks.append(c)
 
     for index, probe in enumerate(probes):
-        feeds = _role_feeds(probe)
+        feeds = role_arrays(probe.input_ids, probe.attention_mask)
         got = run(probe, feeds, None)
         if unfillable:
             return  # an input embdeploy cannot feed: every probe would say the same
@@ -476,7 +457,7 @@ def _run_probes(sess, roles: dict[str, str], reference, probes, tol, report, lab
                                    f"heads, {S}, head_dim) after a prefill of {S} tokens with an empty past")
             continue
         full = _decode_probe(probe, step_ids, index)
-        full_feeds = _role_feeds(full)
+        full_feeds = role_arrays(full.input_ids, full.attention_mask)
         step_feeds = {r: v if r == "attention_mask" else v[:, -1:] for r, v in full_feeds.items()}
         step = Probe(f"decode step after {probe.name}", full.input_ids[:, -1:], full.attention_mask[:, -1:])
         got = run(step, step_feeds, {past: got[present] for past, present in cache.items()})
@@ -496,7 +477,7 @@ def _decode_probe(probe: Probe, step_ids: list[int], index: int) -> Probe:
 
 def _ort_feed(roles: dict[str, str], inputs: dict, feeds: dict, past: dict | None) -> tuple[dict, str | None]:
     """The ORT feed of one run: role arrays in the graph's int type; PAST inputs from `past`, else empty."""
-    from ..bench.inputs import empty_past
+    from ..ort import empty_past
     from .graph import PAST
 
     batch = feeds["input_ids"].shape[0]
@@ -510,7 +491,7 @@ def _ort_feed(roles: dict[str, str], inputs: dict, feeds: dict, past: dict | Non
                             "a 4-D float (batch, heads, 0, head_dim) with heads and head_dim fixed in the graph")
             out[name] = value
             continue
-        dtype = _ORT_INT.get(inp.type)
+        dtype = ORT_INT.get(inp.type)
         if dtype is None:
             return {}, f"input {name!r} has type {inp.type}; embdeploy feeds int64 or int32 ids"
         out[name] = feeds[role].astype(dtype)
@@ -548,66 +529,69 @@ def _replacement(table: np.ndarray, seed: int) -> np.ndarray:
     return rows + rng.normal(0.0, 0.5 * scale, size=rows.shape).astype(np.float32)
 
 
-def validate(
-    onnx_dir, ext, provider: str = "cpu", *, _partial: bool = False, _shown_as=None, _manifest: dict | None = None
-) -> ValidationReport:
+def validate(onnx_dir, ext, provider: str = "cpu") -> ValidationReport:
     """Validate the export in `onnx_dir` against extension `ext`; raise ValidationFailed on any failure.
 
-    Returns the report when every check passed. The exception carries it as `.report`.
-    (The underscored arguments are for export_extension, which validates its
-    unfinished `.NAME.partial-*` directory, and validate_dir.)
+    Every file is checked against its digest first. Returns the report when every
+    check passed. The exception carries it as `.report`.
     """
+    from .manifest import ExportManifest
+
+    return validate_manifest(ExportManifest.verify(onnx_dir), ext, provider)
+
+
+def validate_manifest(m, ext, provider: str = "cpu", shown_as=None) -> ValidationReport:
+    """`validate` for an export whose manifest `m` (an ExportManifest read from its directory) the caller
+    has verified or just written: export_extension validates its unfinished `.NAME.partial-*` directory
+    and reports it as `shown_as`, the name it will have."""
     from ..onnx.rewrite import EXT_EMBED, EXT_HEAD
-    from .manifest import verify_dir
     from .wrapper import check_pooling, infer_task
 
     t0 = time.perf_counter()
-    onnx_dir = Path(onnx_dir)
-    m = _manifest or verify_dir(onnx_dir, _allow_partial=_partial)  # _manifest: verified by the caller
-    dtype, mode = m.get("dtype", "float32"), m["mode"]
-    precision = (m.get("quantization") or {}).get("precision") or dtype  # tables stay float in an int8 export
-    # An export validates its temporary directory but reports the name it will have.
-    report = ValidationReport(str(_shown_as or onnx_dir), mode, precision, provider, tolerance_for(precision, provider))
+    onnx_dir = m.path
+    mode = m.mode
+    report = ValidationReport(str(shown_as or onnx_dir), mode, m.precision, provider,
+                              tolerance_for(m.precision, provider))
 
-    recorded = (m.get("base_fingerprint") or {}).get("embed")
+    recorded = m.base_fingerprint.get("embed")
     if recorded != ext.base_fingerprint:
         raise FingerprintMismatch(
             f"{onnx_dir} was exported from a base with embedding fingerprint {str(recorded)[:23]}…, this extension's "
             f"base has {ext.base_fingerprint[:23]}…; validate with the extension it was exported from (--ext DIR)"
         )
     want = (ext.V, 0 if mode == "base" else ext.K, ext.H)
-    if (m["V"], m["K"], m["H"]) != want:
+    if (m.V, m.K, m.H) != want:
         raise EmbdeployError(
-            f"{onnx_dir} holds V={m['V']}, K={m['K']}, H={m['H']} but the extension has V={want[0]}, K={ext.K}, "
+            f"{onnx_dir} holds V={m.V}, K={m.K}, H={m.H} but the extension has V={want[0]}, K={ext.K}, "
             f"H={want[2]}; validate with the extension it was exported from (--ext DIR)"
         )
-    if mode != "base" and m.get("extension_fingerprint") != ext.extension_fingerprint():
+    if mode != "base" and m.extension_fingerprint != ext.extension_fingerprint():
         report.extension_fingerprint_matches = False
         report.notes.append(
             "the extension's rows differ from the ones recorded at export (trained further since?); "
             "the numbers below compare the ONNX model with the extension given now"
         )
-    task = m.get("task") or infer_task(ext.model, ext.base_info.task or None)
-    pooling = check_pooling(m.get("pooling")) if task == "feature-extraction" else None
-    roles = m.get("input_roles") or {n: n for n in m["inputs"]}
+    task = m.task or infer_task(ext.model, ext.base_info.task or None)
+    pooling = check_pooling(m.pooling) if task == "feature-extraction" else None
+    roles = m.roles
     K = 0 if mode == "base" else ext.K
     probes, notes = build_probes(ext.tokenizer, ext.V, K, max_positions(ext.model.config))
     report.notes.extend(notes)
     report.new_ids_checked = K
     reference = _Reference(ext, task, pooling, set(roles.values()))
     base_V = ext.V if mode == "base" else None
-    cache = m.get("kv_cache") or {}
+    cache = m.kv_cache
     # A decode step's extra token: every new id in turn (an id below V for a base export).
     step_ids = list(range(ext.V, ext.V + K)) if K else [ext.V - 1]
     if cache:
         report.notes.append(f"KV-cache decoder: every probe runs with an empty past ({len(cache)} past_key_values "
                             "inputs), then one decode step feeds its present.* back with one more token")
 
-    model_path = onnx_dir / m.get("model_file", "model.onnx")
+    model_path = m.model_path
     sess = _session(model_path, provider)
     outputs = [o.name for o in sess.get_outputs()]
-    if outputs != list(m["outputs"]):
-        report.problems.append(f"the graph's outputs {outputs} differ from the manifest's {m['outputs']}")
+    if outputs != list(m.outputs):
+        report.problems.append(f"the graph's outputs {outputs} differ from the manifest's {list(m.outputs)}")
     fed = {i.name for i in sess.get_inputs()} - {EXT_EMBED, EXT_HEAD}  # swap tables: overridable, not fed
     if fed != set(roles):
         report.problems.append(f"the graph's inputs {sorted(fed)} differ from the manifest's {sorted(roles)}")
@@ -632,9 +616,9 @@ def validate(
 
 
 def _swap_check(model_path, provider, ext, m, roles, reference, probes, report, cache, step_ids) -> None:
-    from ..onnx.rewrite import EXT_EMBED, EXT_HEAD, swap_session_options
+    from ..onnx.rewrite import EXT_EMBED, EXT_HEAD
 
-    np_dtype = np.float16 if m.get("dtype") == "float16" else np.float32
+    np_dtype = np.float16 if m.dtype == "float16" else np.float32
     embed = _replacement(ext.embed_table().float().cpu().numpy(), seed=1).astype(np_dtype)
     head = None
     if ext.head_mode == "untied":
@@ -643,8 +627,8 @@ def _swap_check(model_path, provider, ext, m, roles, reference, probes, report, 
     new_probes = [p for p in probes if p.name.startswith(("new ids", "padding", "one token"))]
     new_probes.insert(0, next(p for p in probes if p.name.startswith("new tokens")))
     if provider == "cpu":
-        # The table through the session options, as a CPU service swaps it (rewrite.swap_session_options).
-        so, feeds = swap_session_options(import_ort().SessionOptions(), embed, head), None
+        # The table through the session options, as a CPU service swaps it (ort.swap_session_options).
+        so, feeds = swap_session_options(session_options(), embed, head), None
     else:
         # On CUDA, ORT ignores a CPU initializer it planned for the GPU and refuses a GPU one it did not
         # allocate itself (measured, onnxruntime-gpu 1.31), so a GPU service feeds the table as the graph
@@ -659,10 +643,10 @@ def _swap_check(model_path, provider, ext, m, roles, reference, probes, report, 
 def validate_dir(onnx_dir, ext_dir=None, provider: str = "cpu", base_model=None) -> ValidationReport:
     """For `embdeploy validate`: load the extension (`ext_dir`, else the one recorded at export) and validate."""
     from ..extend.model import load_extension
-    from .manifest import verify_dir
+    from .manifest import ExportManifest
 
-    m = verify_dir(onnx_dir)
-    ext_dir = ext_dir or m.get("extension_dir")
+    m = ExportManifest.verify(onnx_dir)
+    ext_dir = ext_dir or m.extension_dir
     if not ext_dir:
         raise EmbdeployError(
             f"{onnx_dir} does not record the extension it was exported from; pass it with --ext EXT_DIR"
@@ -671,4 +655,4 @@ def validate_dir(onnx_dir, ext_dir=None, provider: str = "cpu", base_model=None)
         raise EmbdeployError(
             f"the extension directory {ext_dir} (recorded at export) does not exist any more; pass it with --ext EXT_DIR"
         )
-    return validate(onnx_dir, load_extension(ext_dir, base_model=base_model), provider=provider, _manifest=m)
+    return validate_manifest(m, load_extension(ext_dir, base_model=base_model), provider=provider)

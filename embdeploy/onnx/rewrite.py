@@ -27,7 +27,6 @@ Logits after every rewrite: columns [0, V) as before, column V+j = h @ ext_head[
 from __future__ import annotations
 
 import copy
-import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -629,7 +628,7 @@ def rewrite_split(
         return plan.model, False  # a copy, as promised
     _check_only_known_consumers(plan)
     b = _Builder(plan)
-    idx, emb, head = plan.idx, plan.emb, plan.head
+    emb, head = plan.emb, plan.head
     _materialize_if_constant(b, emb.table)
     b.new_inits.append(numpy_helper.from_array(plan.ext, EXT_EMBED))
     b.used.add(EXT_EMBED)
@@ -782,54 +781,3 @@ def _add_overridable(b: _Builder, name: str, rows: np.ndarray) -> None:
     b.used.add(name)
     elem = helper.np_dtype_to_tensor_dtype(rows.dtype)
     b.plan.model.graph.input.append(helper.make_tensor_value_info(name, elem, [EXT_ROWS_DIM, rows.shape[1]]))
-
-
-# --------------------------------------------------------------------------- ORT per-session tables
-
-# ORT uses an added initializer's buffer in place without holding a Python reference: the
-# OrtValues must outlive every session made from the options (else a use-after-free, seen as a
-# segfault). InferenceSession keeps its SessionOptions, so tying them to the options suffices.
-_KEEP_ALIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def swap_session_options(so, ext_table, head_ext=None):
-    """Make ONNX Runtime sessions created with `so` use these extension tables.
-
-    For models written by `rewrite_swap`: `ext_table` (K, H) replaces
-    `embdeploy_ext_embed`, `head_ext` (K, H) replaces `embdeploy_ext_head` (untied
-    head only). K may differ from the exported extension. The dtype must be the
-    model's (e.g. float16 for an fp16 export); a wrong dtype or H fails when the
-    session runs. Uses `SessionOptions.add_initializer`, so each name can be set
-    once per SessionOptions; on the CPU the buffers are used in place, not copied.
-
-    CPU sessions only. A CUDA session ignores a CPU initializer it planned for
-    the GPU (only a log warning; the file's table is used) and refuses a GPU
-    one that ORT allocated ("Buffer containing the initializer must be owned
-    by the user"), both measured with onnxruntime-gpu 1.31 on an H100. On CUDA,
-    feed the table as the graph input of the same name instead (the rewrite
-    declares one); `embdeploy.runtime.Session` does that by default.
-    Returns `so`.
-    """
-    import onnxruntime as ort
-
-    ext = np.ascontiguousarray(_as_table(ext_table, "ext_table"))
-    tables = {EXT_EMBED: ext}
-    if ext.shape[0] == 0:
-        raise EmbdeployError("ext_table has 0 rows; a swap-mode model needs at least one extension row")
-    if head_ext is not None:
-        head = np.ascontiguousarray(_as_table(head_ext, "head_ext"))
-        if head.shape != ext.shape:
-            raise EmbdeployError(f"head_ext has shape {head.shape} but ext_table has {ext.shape}; they must match")
-        tables[EXT_HEAD] = head
-    keep = _KEEP_ALIVE.setdefault(so, [])
-    for name, table in tables.items():
-        value = ort.OrtValue.ortvalue_from_numpy(table)  # holds `table`; ORT holds neither
-        try:
-            so.add_initializer(name, value)
-        except Exception as e:  # ORT raises a bare RuntimeError/Fail, its reason after the last " : "
-            reason = str(e).split(" : ")[-1].strip()
-            raise EmbdeployError(
-                f"ONNX Runtime refused initializer {name!r} ({reason}); use a fresh SessionOptions per extension table"
-            ) from None
-        keep.append(value)
-    return so

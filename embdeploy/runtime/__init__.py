@@ -4,6 +4,7 @@
     from embdeploy.runtime.serve import create_app, serve   # needs `embdeploy[serve]`
 """
 
-from .session import PROVIDER_ALIASES, Session, check_ids, open_session, resolve_providers
+from ..ort import PROVIDER_ALIASES, resolve_providers
+from .session import Session, check_ids, open_session
 
 __all__ = ["PROVIDER_ALIASES", "Session", "check_ids", "open_session", "resolve_providers"]

@@ -42,59 +42,18 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EmbdeployError, raise_all
-from ..ortimport import import_ort, wants_cuda
+from ..export.manifest import ExportManifest
+from ..ort import (
+    ORT_INT, create_session, import_ort, resolve_providers, session_options, swap_session_options,
+    wants_cuda,
+)
 
 log = logging.getLogger(__name__)
 
-PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 TABLE_BINDINGS = ("feed", "session")
-_ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 _UNBOUNDED = 1_000_000  # tokenizers without a limit report model_max_length = 1e30
-
-
-_ort = import_ort  # kept as a name: callers in this package use it
-
-
-# --------------------------------------------------------------------------- providers
-
-
-def resolve_providers(providers=None) -> list:
-    """ORT provider list for `providers`: None (CUDA when available, then CPU), or names.
-
-    Accepts "cpu,cuda", ["cuda", "cpu"], full ORT names, and (name, options) pairs.
-    A provider this onnxruntime build lacks is refused with the list of available ones.
-    """
-    ort = _ort()
-    available = ort.get_available_providers()
-    if providers is None:
-        cuda = PROVIDER_ALIASES["cuda"]
-        return [cuda, PROVIDER_ALIASES["cpu"]] if cuda in available else [PROVIDER_ALIASES["cpu"]]
-    if isinstance(providers, str):
-        providers = [p for p in providers.split(",") if p.strip()]
-    out, unknown = [], []
-    for p in providers:
-        name, options = p if isinstance(p, (tuple, list)) else (p, None)
-        if not isinstance(name, str):
-            raise EmbdeployError(f"a provider is a name like 'cpu' or 'cuda', got {name!r}")
-        full = PROVIDER_ALIASES.get(name.strip().lower(), name.strip())
-        if full not in available:
-            unknown.append(name)
-        else:
-            out.append((full, options) if options else full)
-    if unknown or not out:
-        raise EmbdeployError(
-            f"execution provider(s) {', '.join(map(repr, unknown)) or '(none given)'} not available in this "
-            f"onnxruntime {ort.__version__}; available: {', '.join(available)} (short names: "
-            f"{', '.join(k for k, v in PROVIDER_ALIASES.items() if v in available)}). "
-            "CUDA needs onnxruntime-gpu (`embdeploy[gpu]`) and an NVIDIA GPU"
-        )
-    return out
-
-
-def _provider_name(p) -> str:
-    return p[0] if isinstance(p, tuple) else p
 
 
 # --------------------------------------------------------------------------- id checks
@@ -136,29 +95,21 @@ def check_ids(ids, vocab_size: int, name: str = "input_ids", what: str | None = 
 
 @dataclass(frozen=True)
 class _Export:
-    """The immutable part every tenant of one export shares."""
+    """The immutable part every tenant of one export shares: its manifest and what config.json adds."""
 
-    path: Path
-    meta: dict
-    mode: str
-    task: str
-    V: int
-    H: int
-    dtype: str
-    roles: dict  # {graph input name: role}
-    outputs: tuple[str, ...]
-    ext_embed: str | None  # overridable initializer names (swap/split), None in merged/base
-    ext_head: str | None
+    manifest: ExportManifest
     max_positions: int | None  # from config.json; None when unknown
     type_vocab_size: int | None
 
+    @property
+    def path(self) -> Path:
+        return self.manifest.path
+
 
 def _read_export(onnx_dir: Path, verify: bool) -> _Export:
-    from ..export.manifest import read_manifest, verify_dir
-
-    m = verify_dir(onnx_dir) if verify else read_manifest(onnx_dir)
+    m = ExportManifest.verify(onnx_dir) if verify else ExportManifest.read(onnx_dir)
     problems = []
-    roles = m.get("input_roles") or {n: n for n in m["inputs"]}
+    roles = m.roles
     past = [n for n, r in roles.items() if r == "past_key_values"]
     if past:
         # Generation (a cache carried from step to step, sampling) is another program than one-shot encode/run.
@@ -172,14 +123,9 @@ def _read_export(onnx_dir: Path, verify: bool) -> _Export:
     unknown = [f"{n!r} ({r!r})" for n, r in roles.items() if r not in ROLES]
     if unknown:
         problems.append(f"inputs with roles the runtime cannot fill: {', '.join(unknown)}")
-    if "input_ids" not in roles.values():
-        problems.append("no input has the role input_ids")
-    if m.get("dtype", "float32") not in _NP_DTYPES:
-        problems.append(f"dtype {m.get('dtype')!r} is not one of {', '.join(_NP_DTYPES)}")
-    ext = m.get("extension_initializers") or {}
-    if m["mode"] == "swap" and not ext.get("embed"):
+    if m.mode == "swap" and not m.ext_embed:  # read without verify: the graph check has not caught it
         problems.append("a swap export must name its extension table in extension_initializers.embed")
-    if not m["outputs"]:
+    if not m.outputs:
         problems.append("the manifest lists no outputs")
     raise_all(problems, f"{onnx_dir / 'embdeploy.json'} cannot be served; re-run `embdeploy export`:")
     config = {}
@@ -190,21 +136,7 @@ def _read_export(onnx_dir: Path, verify: bool) -> _Export:
             raise EmbdeployError(f"{onnx_dir / 'config.json'} is not valid JSON; re-run `embdeploy export`") from None
     positions = next((config[k] for k in ("max_position_embeddings", "n_positions") if isinstance(config.get(k), int)), None)
     types = config.get("type_vocab_size") if isinstance(config.get("type_vocab_size"), int) else None
-    return _Export(
-        path=onnx_dir.resolve(),
-        meta=m,
-        mode=m["mode"],
-        task=m.get("task", "feature-extraction"),
-        V=m["V"],
-        H=m["H"],
-        dtype=m.get("dtype", "float32"),
-        roles=dict(roles),
-        outputs=tuple(m["outputs"]),
-        ext_embed=ext.get("embed") if m["mode"] in ("split", "swap") else None,
-        ext_head=ext.get("head") if m["mode"] in ("split", "swap") else None,
-        max_positions=positions,
-        type_vocab_size=types,
-    )
+    return _Export(m, positions, types)
 
 
 @dataclass(frozen=True)
@@ -252,41 +184,24 @@ class _Runtime:
         for p in self.providers:
             if isinstance(p, tuple) and p[0] == "CUDAExecutionProvider":
                 self.device_id = int(p[1].get("device_id", 0))
-        types = {i.name: _ORT_INT.get(i.type) for i in sess.get_inputs()}
+        types = {i.name: ORT_INT.get(i.type) for i in sess.get_inputs()}
         problems = []
-        if set(types) != set(export.roles):
-            problems.append(f"the graph's inputs {sorted(types)} differ from the manifest's {sorted(export.roles)}")
+        if set(types) != set(export.manifest.roles):
+            problems.append(f"the graph's inputs {sorted(types)} differ from the manifest's {sorted(export.manifest.roles)}")
         problems += [f"input {n!r} has type {t}, not int64/int32" for n, t in types.items() if t is None]
         graph_outputs = tuple(o.name for o in sess.get_outputs())
-        if graph_outputs != export.outputs:
-            problems.append(f"the graph's outputs {list(graph_outputs)} differ from the manifest's {list(export.outputs)}")
+        if graph_outputs != export.manifest.outputs:
+            problems.append(f"the graph's outputs {list(graph_outputs)} differ from the manifest's {list(export.manifest.outputs)}")
         raise_all(problems, f"{export.path} does not match its embdeploy.json; re-run `embdeploy export`:")
         self.input_types = types
 
     def options(self):
-        ort = _ort()
-        so = ort.SessionOptions()
-        so.log_severity_level = 3  # swap graphs: ORT notes its overridable initializers at every load
-        if self.threads is not None:
-            so.intra_op_num_threads = int(self.threads)
-            so.inter_op_num_threads = 1
-        return so
+        return session_options(self.threads)
 
     def create_session(self, so=None):
-        ort = _ort(cuda=wants_cuda(self.providers))
-        path = self.export.path / self.export.meta.get("model_file", "model.onnx")
-        try:
-            sess = ort.InferenceSession(str(path), so or self.options(), providers=self.providers)
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-            raise EmbdeployError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
-        wanted = _provider_name(self.providers[0])
-        used = sess.get_providers()
-        if wanted not in used:
-            msg = (f"ONNX Runtime could not start {wanted} (the session runs on {', '.join(used)}); check the "
-                   "CUDA/cuDNN installation, or pass providers=['cpu']")
-            if self.explicit:
-                raise EmbdeployError(msg)
-            log.warning(msg)
+        # an automatic choice (no providers given) may fall back to the CPU with a warning; a provider asked for may not
+        sess = create_session(self.export.manifest.model_path, self.providers, so or self.options(),
+                              explicit=self.explicit)
         if not self.input_types:
             self._check_graph(sess)
         return sess
@@ -300,7 +215,7 @@ class _Runtime:
         return self.io_binding or self.device_type != "cpu"
 
     def device_value(self, table: np.ndarray):
-        return _ort().OrtValue.ortvalue_from_numpy(table, self.device_type, self.device_id)
+        return import_ort().OrtValue.ortvalue_from_numpy(table, self.device_type, self.device_id)
 
 
 # --------------------------------------------------------------------------- the session
@@ -349,15 +264,15 @@ class Session:
 
     @property
     def mode(self) -> str:
-        return self._rt.export.mode
+        return self._rt.export.manifest.mode
 
     @property
     def task(self) -> str:
-        return self._rt.export.task
+        return self._rt.export.manifest.task
 
     @property
     def V(self) -> int:
-        return self._rt.export.V
+        return self._rt.export.manifest.V
 
     @property
     def K(self) -> int:
@@ -365,11 +280,11 @@ class Session:
 
     @property
     def H(self) -> int:
-        return self._rt.export.H
+        return self._rt.export.manifest.H
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return self._rt.export.outputs
+        return self._rt.export.manifest.outputs
 
     @property
     def tokens(self) -> tuple[str, ...]:
@@ -396,21 +311,21 @@ class Session:
         state, ex = self._state, self._rt.export
         return {
             "path": str(ex.path),
-            "mode": ex.mode,
-            "task": ex.task,
-            "V": ex.V,
+            "mode": ex.manifest.mode,
+            "task": ex.manifest.task,
+            "V": ex.manifest.V,
             "K": state.K,
-            "H": ex.H,
-            "dtype": ex.dtype,
-            "inputs": list(ex.roles.values()),
-            "outputs": list(ex.outputs),
+            "H": ex.manifest.H,
+            "dtype": ex.manifest.dtype,
+            "inputs": list(ex.manifest.roles.values()),
+            "outputs": list(ex.manifest.outputs),
             "providers": self.providers,
             "max_length": self.max_length,
-            "tokens": [{"token": t, "id": ex.V + i} for i, t in enumerate(state.tokens)],
-            "base_fingerprint": ex.meta.get("base_fingerprint"),
+            "tokens": [{"token": t, "id": ex.manifest.V + i} for i, t in enumerate(state.tokens)],
+            "base_fingerprint": ex.manifest.base_fingerprint,
             "extension_fingerprint": state.fingerprint,
             "extension": state.source,
-            "table_binding": self._rt.table_binding if ex.mode == "swap" else None,
+            "table_binding": self._rt.table_binding if ex.manifest.mode == "swap" else None,
             "io_binding": self._rt.io_binding,
         }
 
@@ -463,33 +378,31 @@ class Session:
 
     def _tenant(self, extension) -> _Tenant:
         rt, ex = self._rt, self._rt.export
-        meta = ex.meta
+        meta = ex.manifest
         if extension is None:  # the rows the export was written with
-            tokens = tuple(t["token"] for t in meta.get("tokens", []))
-            tokenizer = _load_tokenizer(ex.path, ex.V, tokens, meta.get("base_tokenizer"))
-            return _Tenant(rt.sess, tokenizer, threading.Lock(), meta["K"], tokens, meta.get("extension_fingerprint"),
+            tokens = meta.tokens
+            tokenizer = _load_tokenizer(ex.path, meta.V, tokens, meta.base_tokenizer)
+            return _Tenant(rt.sess, tokenizer, threading.Lock(), meta.K, tokens, meta.extension_fingerprint,
                            "export", {}, {})
-        if ex.mode != "swap":
+        if ex.manifest.mode != "swap":
             from ..extend.model import read_manifest
 
             m = read_manifest(extension)
-            if ex.mode != "base" and m.get("extension_fingerprint") == meta.get("extension_fingerprint"):
+            if ex.manifest.mode != "base" and m.get("extension_fingerprint") == meta.extension_fingerprint:
                 return self._tenant(None)  # the very rows the graph holds
             raise EmbdeployError(self._not_swappable(extension))
 
         from .tables import read_extension
 
-        tables = read_extension(extension, meta, _NP_DTYPES[ex.dtype])
-        tokenizer = _load_tokenizer(Path(extension), ex.V, tables.tokens, meta.get("base_tokenizer"))
-        feeds = {ex.ext_embed: tables.embed}
-        if ex.ext_head:
-            feeds[ex.ext_head] = tables.head
+        tables = read_extension(extension, meta, _NP_DTYPES[ex.manifest.dtype])
+        tokenizer = _load_tokenizer(Path(extension), ex.manifest.V, tables.tokens, meta.base_tokenizer)
+        feeds = {ex.manifest.ext_embed: tables.embed}
+        if ex.manifest.ext_head:
+            feeds[ex.manifest.ext_head] = tables.head
         if rt.table_binding == "feed":
             sess = rt.sess
             fed = feeds
         else:
-            from ..onnx.rewrite import swap_session_options
-
             if wants_cuda(rt.providers):
                 raise EmbdeployError(
                     "table_binding='session' works on the CPU provider only: a CUDA session ignores or refuses an "
@@ -513,9 +426,9 @@ class Session:
         """
         ex = self._rt.export
         width = min(state.K, ex.max_positions or state.K, 64)
-        ids = (ex.V + np.arange(width, dtype=np.int64) % state.K)[None, :]
+        ids = (ex.manifest.V + np.arange(width, dtype=np.int64) % state.K)[None, :]
         feeds = self._role_feeds({"input_ids": ids}, state.K)
-        names = list(ex.outputs)
+        names = list(ex.manifest.outputs)
         implicit = self._run(state, feeds, names, False)
         explicit = self._run(_with_tables(state, tables, self._rt), feeds, names, False)
         if not all(np.array_equal(implicit[n], explicit[n]) for n in names):
@@ -629,8 +542,8 @@ class Session:
             self._need_io_binding()
         state = self._state
         by_role = {}
-        names_to_roles = dict(self._rt.export.roles)
-        tables = {self._rt.export.ext_embed, self._rt.export.ext_head} - {None}
+        names_to_roles = dict(self._rt.export.manifest.roles)
+        tables = {self._rt.export.manifest.ext_embed, self._rt.export.manifest.ext_head} - {None}
         problems = []
         for key, value in feeds.items():
             role = names_to_roles.get(key, key)
@@ -697,7 +610,7 @@ class Session:
     def _role_feeds(self, given: dict, K: int) -> dict[str, np.ndarray]:
         """Checked arrays for every role the graph takes."""
         ex = self._rt.export
-        ids = check_ids(given["input_ids"], ex.V + K, "input_ids", f"V={ex.V} base rows + K={K} extension rows")
+        ids = check_ids(given["input_ids"], ex.manifest.V + K, "input_ids", f"V={ex.manifest.V} base rows + K={K} extension rows")
         B, S = ids.shape
         if ex.max_positions is not None and S > ex.max_positions:
             raise EmbdeployError(
@@ -705,7 +618,7 @@ class Session:
                 "tokens (encode/tokenize do, with max_length)"
             )
         out = {"input_ids": ids}
-        roles = set(ex.roles.values())
+        roles = set(ex.manifest.roles.values())
         mask = given.get("attention_mask")
         if mask is None:
             mask = np.ones((B, S), dtype=np.int64)
@@ -736,7 +649,7 @@ class Session:
     def _run(self, state: _Tenant, by_role: dict, names: list[str], device_outputs: bool) -> dict:
         rt = self._rt
         feeds = {name: np.ascontiguousarray(by_role[role], dtype=rt.input_types[name])
-                 for name, role in rt.export.roles.items()}
+                 for name, role in rt.export.manifest.roles.items()}
         if not (rt.io_binding or state.bound):
             values = state.sess.run(names, {**feeds, **state.tables})
             return dict(zip(names, values))

@@ -42,8 +42,8 @@ def extension_fingerprint(embed: np.ndarray, head: np.ndarray | None) -> str:
     return table_fingerprint(np.frombuffer("|".join(parts).encode(), dtype=np.uint8))
 
 
-def read_extension(ext_dir, export: dict, np_dtype) -> ExtensionTables:
-    """Read `ext_dir` for the export described by `export` (its embdeploy.json); refuse what does not fit.
+def read_extension(ext_dir, export, np_dtype) -> ExtensionTables:
+    """Read `ext_dir` for the export described by `export` (its ExportManifest); refuse what does not fit.
 
     Every mismatch (V, H, base fingerprint, head) is reported at once;
     a base fingerprint mismatch raises `FingerprintMismatch`.
@@ -53,7 +53,7 @@ def read_extension(ext_dir, export: dict, np_dtype) -> ExtensionTables:
     d = Path(ext_dir)
     m = read_manifest(d)
     fp_ext = m.get("base_fingerprint") or {}
-    fp_exp = export.get("base_fingerprint") or {}
+    fp_exp = export.base_fingerprint
     if fp_ext.get("embed") != fp_exp.get("embed"):
         raise FingerprintMismatch(
             f"the extension in {d} was made for a base whose embedding table has fingerprint "
@@ -61,13 +61,13 @@ def read_extension(ext_dir, export: dict, np_dtype) -> ExtensionTables:
             "use an extension made for this export's base model (or export that extension's base)"
         )
     problems = []
-    if m["V"] != export["V"]:
-        problems.append(f"V: the extension follows {m['V']} base rows, the export has {export['V']}")
-    if m["H"] != export["H"]:
-        problems.append(f"H: the extension's rows have hidden size {m['H']}, the export's {export['H']}")
+    if m["V"] != export.V:
+        problems.append(f"V: the extension follows {m['V']} base rows, the export has {export.V}")
+    if m["H"] != export.H:
+        problems.append(f"H: the extension's rows have hidden size {m['H']}, the export's {export.H}")
     if m["K"] < 1:
         problems.append("K: the extension has no rows; a swap export needs at least one")
-    untied_export = bool((export.get("extension_initializers") or {}).get("head"))
+    untied_export = bool(export.extension_initializers.get("head"))
     if untied_export:
         if m.get("head") != "untied":
             problems.append(
