@@ -1,14 +1,20 @@
 """`embdeploy serve ONNX_DIR`: a Session behind HTTP (Starlette app, served by uvicorn).
 
     GET  /healthz        {"status": "ok", ...}
-    GET  /v1/metadata    mode, V, K, H, outputs, tokens, fingerprints (Session.metadata)
-    POST /v1/encode      {"texts": [...], "output": optional name, "max_length": optional int}
-                         -> {"output", "shape", "data", "attention_mask", "K", "extension_fingerprint"}
+    GET  /v1/metadata    mode, V, K, H, outputs, tokens, fingerprints (Session.metadata); ?model=NAME
+    POST /v1/encode      {"texts": [...], "output": optional name, "max_length": optional int, "model": optional}
+                         -> {"model", "output", "shape", "data", "attention_mask", "K", "extension_fingerprint"}
     POST /v1/embeddings  OpenAI-style: {"input": str | [str], "model", "user": optional,
                          "encoding_format": "float" | "base64" (little-endian float32, the official client's default)}
                          -> {"object": "list", "data": [{"object": "embedding", "index", "embedding"}], "usage"}
     POST /embed, POST /  text-embeddings-inference's: {"inputs": str | [str], "normalize": true, "truncate": false}
                          -> [[floats], ...]; GET /info, GET /health as TEI answers them
+    GET  /v1/models      OpenAI's model list: the export's own table, then each tenant (runtime/tenants.py)
+    PUT, DELETE /admin/tenants/NAME, GET /admin/tenants   add ({"path": EXT_DIR}), replace, remove tenants
+                         while serving: admin keys only; 403 when the server has none
+
+The `model` field picks the tenant (unknown: 404 listing the models; a server without tenants
+answers any name with its one model).
 
 Every request is checked before it reaches the model; a bad one gets a 4xx
 with {"error": {"message", "type"}} saying what to change: invalid JSON (also
