@@ -526,6 +526,7 @@ def serve(
     request_timeout: float = typer.Option(30.0, help="Seconds a request may take from queue to answer (else 503 if still queued, 504 if running)."),
     tenant: Optional[list[str]] = typer.Option(None, "--tenant", help="NAME=EXT_DIR: serve that extension's vocabulary over the swap export as model NAME (repeatable). Requests pick it with their `model` field; without one they get the export's own table."),
     tenants_file: Optional[Path] = typer.Option(None, help='Tenants from a file: JSON {"NAME": "EXT_DIR", ...} or NAME=EXT_DIR lines (paths relative to the file).'),
+    access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="One JSON line per request on stderr: time, client, method, path, status, model, ms."),
     admin_key: Optional[list[str]] = typer.Option(None, "--admin-key", help="Open PUT/DELETE /admin/tenants/NAME (add and remove tenants while serving) to `Authorization: Bearer KEY` (repeatable; also $EMBDEPLOY_ADMIN_KEYS) [default: admin routes off]."),
 ):
     """Serve an export over HTTP: POST /v1/encode, POST /v1/embeddings, GET /healthz, GET /v1/metadata (needs the `serve` extra: pip install "embdeploy[serve]")."""
@@ -550,7 +551,7 @@ def serve(
                api_keys=keys or None,
                batching=BatchConfig(enabled=batching, max_batch_texts=batch_size, max_batch_tokens=max_batch_tokens,
                                     max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout=request_timeout),
-               tenants=tenants or None, admin_keys=admins or None)
+               tenants=tenants or None, admin_keys=admins or None, json_access_log=access_log)
 
 
 # ------------------------------------------------------------------------------------------ quickstart

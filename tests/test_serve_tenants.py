@@ -197,15 +197,17 @@ def test_tenant_options_and_files(tmp_path):
         read_tenants_file(tmp_path / "bad.json")
 
 
-def test_the_cli_serves_a_tenants_file(exports, own, tmp_path):
-    """`embdeploy serve SWAP --tenants-file FILE` (lines, a relative path) answers the tenant's own numbers."""
+def test_the_cli_serves_a_tenants_file_and_logs_json_lines(exports, own, tmp_path):
+    """`embdeploy serve SWAP --tenants-file FILE --access-log` (lines, a relative path) answers the tenant's own
+    numbers and writes one JSON line per request, with the model."""
     (exports.dir_c.parent / "tenants.txt").write_text(f"c={exports.dir_c.name}\n")
     with socket.socket() as s:
         s.bind((HOST, 0))
         port = s.getsockname()[1]
     log = open(tmp_path / "cli.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "embdeploy.cli", "serve", str(exports.swap), "--providers", "cpu",
-                             "--port", str(port), "--tenants-file", str(exports.dir_c.parent / "tenants.txt")],
+                             "--port", str(port), "--tenants-file", str(exports.dir_c.parent / "tenants.txt"),
+                             "--access-log"],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: _up(port) or proc.poll() is not None, "the CLI server", 120)
@@ -213,6 +215,17 @@ def test_the_cli_serves_a_tenants_file(exports, own, tmp_path):
         status, got = call(port, "POST", "/v1/encode", {"texts": [MIXED[3]], "model": "c"})
         assert status == 200
         np.testing.assert_array_equal(np.asarray(got["data"], np.float32), own["c"].encode([MIXED[3]])["sentence_embedding"])
+        assert call(port, "POST", "/v1/encode", {"texts": ["a"], "model": "legal"})[0] == 404
+
+        def lines():
+            text = (tmp_path / "cli.log").read_text()
+            return [json.loads(ln) for ln in text.splitlines() if ln.startswith("{") and '"/v1/encode"' in ln]
+
+        wait_for(lambda: len(lines()) == 2, "two access log lines")
+        ok, missing = lines()
+        assert {k: ok[k] for k in ("client", "method", "path", "status", "model")} == {
+            "client": HOST, "method": "POST", "path": "/v1/encode", "status": 200, "model": "c"}
+        assert ok["ms"] > 0 and ok["time"].endswith("Z") and missing["status"] == 404 and missing["model"] is None
     finally:
         stop_server(proc)
 

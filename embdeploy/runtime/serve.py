@@ -63,6 +63,7 @@ from .session import Session, lone_surrogate
 from .tenants import Tenants, UnknownModel
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("embdeploy.access")  # JSON lines, one per request (create_app(access_log=True))
 
 MAX_BATCH = 64
 MAX_CHARS = 20_000  # per text; tokens past the model's max_length are truncated anyway
@@ -104,12 +105,14 @@ def create_app(
     batching: BatchConfig | None = None,
     tenants=None,
     admin_keys=None,
+    access_log: bool = False,
 ):
     """A Starlette (ASGI) app serving `session`; see the module docstring for the routes and limits.
 
     `tenants`: {name: extension dir} served over `session` (a swap export) beside its own table,
     picked by the requests' `model`; `admin_keys`: keys for the admin routes that add and remove
-    tenants while serving (without any, those routes answer 403).
+    tenants while serving (without any, those routes answer 403). `access_log`: one JSON line per
+    request to the logger "embdeploy.access" (time, client, method, path, status, model, ms).
 
     `api_keys`: when given, every route but the health checks needs `Authorization: Bearer KEY` with
     one of them (401 otherwise). Prometheus metrics are served at GET /metrics from a registry of the
@@ -505,7 +508,7 @@ def create_app(
     admins = [k for k in (admin_keys or []) if k]
     if admin_keys is not None and not admins:
         raise EmbdeployError("admin_keys is empty; pass at least one non-empty key, or None to keep the admin routes off")
-    return _Guard(app, keys, metrics, admins)
+    return _Guard(app, keys, metrics, admins, access_log)
 
 
 OPEN_ROUTES = ("/health", "/healthz")  # load balancers probe these without a key
@@ -562,10 +565,21 @@ class _Guard:
 
     The admin routes (/admin/...) take admin keys only, and answer 403 when the server has none."""
 
-    def __init__(self, app, keys: list[str], metrics: _Metrics, admin_keys=()):
+    def __init__(self, app, keys: list[str], metrics: _Metrics, admin_keys=(), access_log: bool = False):
         self.app, self.keys, self.metrics = app, [k.encode() for k in keys], metrics
         self.admin_keys = [k.encode() for k in admin_keys]
+        self.access_log = access_log
         self.state = app.state
+
+    def _done(self, scope, route: str, status: int, seconds: float) -> None:
+        model = scope.get(MODEL_SCOPE_KEY, "")
+        self.metrics.requests.labels(route, str(status), model).inc()
+        if self.access_log:
+            client, now = scope.get("client") or ("", 0), time.time()
+            access_log.info(json.dumps({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
+                "client": client[0], "method": scope.get("method", ""), "path": scope.get("path", ""),
+                "status": status, "model": model or None, "ms": round(seconds * 1000, 3)}, ensure_ascii=False))
 
     @staticmethod
     async def _refuse(send, status: int, message: str, kind: str) -> None:
@@ -580,22 +594,23 @@ class _Guard:
 
         path = scope.get("path", "")
         route = _route_label(path)
+        t = time.perf_counter()
         auth = dict(scope.get("headers") or []).get(b"authorization", b"")
         given = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
         if path == "/admin" or path.startswith("/admin/"):
             if not self.admin_keys:
-                self.metrics.requests.labels(route, "403", "").inc()
+                self._done(scope, route, 403, time.perf_counter() - t)
                 return await self._refuse(send, 403, "the admin routes are off: start the server with --admin-key KEY "
                                           "(or $EMBDEPLOY_ADMIN_KEYS) to add and remove tenants while serving",
                                           "permission_error")
             if not any(hmac.compare_digest(given, k) for k in self.admin_keys):
-                self.metrics.requests.labels(route, "401", "").inc()
+                self._done(scope, route, 401, time.perf_counter() - t)
                 return await self._refuse(send, 401, "missing or wrong admin key; send the header "
                                           "Authorization: Bearer ADMIN_KEY (API keys do not open the admin routes)",
                                           "authentication_error")
         elif self.keys and path not in OPEN_ROUTES:
             if not any(hmac.compare_digest(given, k) for k in self.keys):
-                self.metrics.requests.labels(route, "401", "").inc()
+                self._done(scope, route, 401, time.perf_counter() - t)
                 return await self._refuse(send, 401, "missing or wrong API key; send the header "
                                           "Authorization: Bearer KEY", "authentication_error")
         status = {"code": 500}
@@ -606,13 +621,13 @@ class _Guard:
             await send(message)
 
         self.metrics.in_flight.inc()
-        t = time.perf_counter()
         try:
             await self.app(scope, receive, send_and_count)
         finally:
             self.metrics.in_flight.dec()
-            self.metrics.seconds.labels(route).observe(time.perf_counter() - t)
-            self.metrics.requests.labels(route, str(status["code"]), scope.get(MODEL_SCOPE_KEY, "")).inc()
+            elapsed = time.perf_counter() - t
+            self.metrics.seconds.labels(route).observe(elapsed)
+            self._done(scope, route, status["code"], elapsed)
 
 
 _KNOWN_ROUTES = ("/healthz", "/v1/metadata", "/v1/encode", "/v1/embeddings", "/embed", "/", "/info", "/health",
@@ -642,6 +657,28 @@ def _batch_config(batching) -> BatchConfig:
             raise EmbdeployError(f"unknown batching option(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
         return BatchConfig(**batching)
     raise EmbdeployError(f"batching must be a BatchConfig, a dict of its fields or None, got {type(batching).__name__}")
+
+
+@contextlib.contextmanager
+def _json_lines_to_stderr(enabled: bool):
+    """While serving: the access logger's lines, bare, on stderr (uvicorn configures only its own loggers)."""
+    if not enabled:
+        yield
+        return
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    previous = (access_log.level, access_log.propagate)
+    access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+    try:
+        yield
+    finally:
+        access_log.removeHandler(handler)
+        access_log.setLevel(previous[0])
+        access_log.propagate = previous[1]
 
 
 @contextlib.contextmanager
@@ -788,12 +825,14 @@ def serve(
     batching: BatchConfig | None = None,
     tenants=None,
     admin_keys=None,
+    json_access_log: bool = False,
 ) -> None:
     """Open a Session on `onnx_dir` and serve it with uvicorn until interrupted (Ctrl-C / SIGTERM).
 
     `batching`: a BatchConfig (or a dict of its fields); SIGTERM drains every request, then returns.
     `tenants`: {name: extension dir} over a swap export (runtime/tenants.py); `admin_keys`: keys for
-    the admin routes that add and remove tenants while serving.
+    the admin routes that add and remove tenants while serving. `json_access_log`: one JSON line per
+    request on stderr (uvicorn's own text access log is `access_log`).
     """
     _starlette()
     try:
@@ -811,11 +850,11 @@ def serve(
     batching = _batch_config(batching)
     session = Session(onnx_dir, providers=providers, threads=threads, extension=extension)
     app = create_app(session, max_batch=max_batch, max_chars=max_chars, body_timeout=body_timeout, api_keys=api_keys,
-                     batching=batching, tenants=tenants, admin_keys=admin_keys)
+                     batching=batching, tenants=tenants, admin_keys=admin_keys, access_log=json_access_log)
     sock = bind_socket(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             http=guarded_protocol(header_timeout, int(max_connections)), timeout_keep_alive=keep_alive)
-    with _sigterm_is_a_clean_exit():
+    with _sigterm_is_a_clean_exit(), _json_lines_to_stderr(json_access_log):
         uvicorn.Server(config).run(sockets=[sock])
 
 
