@@ -241,7 +241,8 @@ def summary_table(res: QuickstartResult) -> Table:
         ra = lambda q: "n/a" if q.get("retrieval_accuracy") is None else f"{q['retrieval_accuracy']:.2f}"  # noqa: E731
         n = QualityReport.from_json(a).candidates_label()
         t.add_row(f"retrieval accuracy (1 of {n})", f"{ra(b)} → {ra(a)}  (each text must find its original-"
-                  f"tokenization twin among {n} candidates; chance about 1/{n})")
+                  f"tokenization twin among {n} candidates; chance at most 1 in "
+                  f"{a.get('candidates_min') or a.get('candidates')})")
     t.add_row("how to read the modes", "latency ratio = extended time / base time at BxS (B texts of S tokens), the "
               "median of per-round ratios, both timed in one run: above 1 is slower than the base, below 1 faster. "
               "Per session: private = memory the session owns, shared = the export's files memory-mapped, which "

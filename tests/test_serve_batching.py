@@ -13,7 +13,6 @@ import http.client
 import json
 import signal
 import socket
-import subprocess
 import threading
 import time
 

@@ -8,9 +8,10 @@ the batch that holds the oldest text: texts of similar length share a batch, lit
 the oldest request always makes progress. A request whose texts land in several batches is
 answered when its last text is done.
 
-A runner that finds texts queued runs them at once unless requests are still arriving (their body
-read or being tokenized); then it waits for them up to `max_wait_ms` after the oldest job came in,
+A runner that finds texts queued runs them at once unless requests are still arriving (being
+tokenized: `arrival()`); then it waits for them up to `max_wait_ms` after the oldest job came in,
 or until a batch is full. A lone client therefore never waits, and concurrent clients share runs.
+While a run is going, new requests queue up and the next run takes them together.
 
 Padding to a longer text changes float results slightly (attention sums over a longer row of masked
 positions, in another order): a batched answer equals `Session.encode` of the request alone within

@@ -109,7 +109,8 @@ class QualityReport:
             f"retrieval accuracy: the share of (text, new token) uses whose embedding with the new token is at "
             f"least as close to its own original-tokenization twin as to any other candidate: "
             f"{self.candidates_label()} in all, the twin, the other held-out texts, and the same sentence with "
-            f"each other new token, all in original tokenization; chance is about 1 in {self.candidates_label()}",
+            f"each other new token, all in original tokenization; chance is at most 1 in "
+            f"{self.candidates_min or self.candidates}",
         ]
         rest = self.texts_given - self.texts
         if rest > 0:
