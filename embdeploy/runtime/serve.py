@@ -244,8 +244,8 @@ def create_app(
     async def encode_with(model, texts: list[str], output: str, max_length, truncate: bool = True):
         """(values, rows, pinned session) of `output` for `texts`: tokenized once, run through the batcher.
 
-        `model`: (name, Session) from pick(). truncate=False refuses a text over the model's length
-        limit (TEI's default) instead of cutting it.
+        `model`: what pick() returned. truncate=False refuses a text over the model's length limit
+        (TEI's default) instead of cutting it.
         """
         name, chosen, _ = model
         pinned = chosen.snapshot()  # the numbers and the fingerprint reported with them come from one table
