@@ -15,10 +15,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 app = typer.Typer(
     name="embdeploy",
     help=(
@@ -55,6 +51,11 @@ def _version(value: bool):
 def _main(version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_version,
                                        is_eager=True)):
     """Give a pretrained transformers model new tokens in a separate extension table (base rows never change), train only the new rows, export to ONNX Runtime, prove it matches PyTorch, and measure what it costs."""
+    # The application's settings, made when a command runs (importing this module changes nothing); the
+    # libraries are imported lazily by the commands, after this.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _command(fn):
@@ -459,7 +460,7 @@ def bench(
     onnx_dirs: list[Path] = typer.Argument(..., help="ONNX export directories to time (their base export is found from embdeploy.json)."),
     base: Optional[Path] = typer.Option(None, help="Base export directory to compare with [default: the one the exports record]."),
     shapes: str = typer.Option("1x16,1x128,8x128", help="Grid of BATCHxSEQ shapes, comma-separated."),
-    threads: int = typer.Option(1, help="ONNX Runtime intra-op threads. 1 keeps ratios stable on shared machines (±1% seen here; 2 threads: up to ±10%)."),
+    threads: int = typer.Option(1, help="ONNX Runtime intra-op threads. 1 keeps ratios stable on shared machines (perf/README.md has the measurements)."),
     rounds: int = typer.Option(30, help="Timed rounds; every variant runs once per round, in shuffled order."),
     warmup: int = typer.Option(3, help="Untimed warm-up rounds."),
     providers: str = typer.Option("cpu", help="cpu, cuda or cpu,cuda (CUDA is skipped with a message when absent; timed with IO binding)."),
@@ -526,6 +527,7 @@ def serve(
     request_timeout: float = typer.Option(30.0, help="Seconds a request may take from queue to answer (else 503 if still queued, 504 if running)."),
     tenant: Optional[list[str]] = typer.Option(None, "--tenant", help="NAME=EXT_DIR: serve that extension's vocabulary over the swap export as model NAME (repeatable). Requests pick it with their `model` field; without one they get the export's own table."),
     tenants_file: Optional[Path] = typer.Option(None, help='Tenants from a file: JSON {"NAME": "EXT_DIR", ...} or NAME=EXT_DIR lines (paths relative to the file).'),
+    workers: int = typer.Option(1, help="Server processes on the one port, each with its own Session (the base's file pages are shared); /metrics sums them. Not with --admin-key."),
     access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="One JSON line per request on stderr: time, client, method, path, status, model, ms."),
     admin_key: Optional[list[str]] = typer.Option(None, "--admin-key", help="Open PUT/DELETE /admin/tenants/NAME (add and remove tenants while serving) to `Authorization: Bearer KEY` (repeatable; also $EMBDEPLOY_ADMIN_KEYS) [default: admin routes off]."),
 ):
@@ -551,7 +553,8 @@ def serve(
                api_keys=keys or None,
                batching=BatchConfig(enabled=batching, max_batch_texts=batch_size, max_batch_tokens=max_batch_tokens,
                                     max_wait_ms=max_wait_ms, max_queue=max_queue, request_timeout=request_timeout),
-               tenants=tenants or None, admin_keys=admins or None, json_access_log=access_log)
+               tenants=tenants or None, admin_keys=admins or None, json_access_log=access_log,
+               workers=workers)
 
 
 # ------------------------------------------------------------------------------------------ quickstart

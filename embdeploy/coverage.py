@@ -39,7 +39,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-MODES = ("merged", "split", "swap")
+from .export.manifest import EXPORT_MODES
+
 NEW_TOKENS = ["hyperkalemia", "troponin", "zorblax", "qwertyx"]
 TRAIN_STEPS = 5
 HIDDEN = 32
@@ -293,7 +294,7 @@ def training_texts(tokens=NEW_TOKENS) -> list[str]:
     return [t.format(t=tok) for tok in tokens for t in _TEMPLATES] + _CORPUS
 
 
-def run_family(name: str, workdir, cache_dir=None, steps: int = TRAIN_STEPS, modes=MODES, seed: int = 0) -> list[Record]:
+def run_family(name: str, workdir, cache_dir=None, steps: int = TRAIN_STEPS, modes=EXPORT_MODES, seed: int = 0) -> list[Record]:
     """extend -> train (distill, `steps` steps) -> export + validate in each mode; one Record per mode.
 
     Exports go to `workdir/<family>-<mode>`; the base export is cached in
@@ -424,13 +425,13 @@ def render_markdown(data: dict) -> str:
         "",
         f"{ok} of {len(records)} family × mode combinations pass.",
         "",
-        "| family | model class | head | V×H | " + " | ".join(MODES) + " | notes |",
-        "|---|---|---|---|" + "---|" * len(MODES) + "---|",
+        "| family | model class | head | V×H | " + " | ".join(EXPORT_MODES) + " | notes |",
+        "|---|---|---|---|" + "---|" * len(EXPORT_MODES) + "---|",
     ]
     for fam, modes in by_family.items():
         first = next(iter(modes.values()))
         cells = []
-        for m in MODES:
+        for m in EXPORT_MODES:
             r = modes.get(m)
             if r is None:
                 cells.append("–")
@@ -452,7 +453,7 @@ def render_markdown(data: dict) -> str:
         for r in failures:  # one row when every mode failed the same way
             grouped.setdefault((r["label"], r["stage"], r["error"], r["reason"]), []).append(r["mode"])
         for (label, stage, error, reason), modes in grouped.items():
-            which = "all" if len(modes) == len(MODES) else ", ".join(modes)
+            which = "all" if len(modes) == len(EXPORT_MODES) else ", ".join(modes)
             lines.append(f"| {_cell(label)} | {which} | {stage} | `{error}` | {_cell(reason)} |")
     return "\n".join(lines) + "\n"
 
@@ -467,7 +468,7 @@ def write(records: list[Record], path) -> tuple[Path, Path]:
     if js.is_file():
         old = [r for r in json.loads(js.read_text()).get("records", []) if r["family"] not in ran]
     order = {name: i for i, name in enumerate(FAMILIES)}
-    rows = sorted(old + new, key=lambda r: (order.get(r["family"], len(order)), MODES.index(r["mode"])))
+    rows = sorted(old + new, key=lambda r: (order.get(r["family"], len(order)), EXPORT_MODES.index(r["mode"])))
     data = {"environment": environment(), "records": rows}
     md.parent.mkdir(parents=True, exist_ok=True)
     js.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")

@@ -31,6 +31,12 @@ def table_fingerprint(table) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def rows_fingerprint(embed, head=None) -> str:
+    """The extension fingerprint of (K, H) rows (and untied head rows): torch tensors or numpy arrays alike."""
+    parts = [table_fingerprint(embed)] + ([table_fingerprint(head)] if head is not None else [])
+    return table_fingerprint(np.frombuffer("|".join(parts).encode(), dtype=np.uint8))
+
+
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -8,6 +8,7 @@ and fail with transformers' own message (plus our hint) where it is not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -168,12 +169,31 @@ def refuse_remote_code(directory: str | os.PathLike, what: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off for the duration, then as they were (the process's
+    logging is the application's to set)."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.logging.enable_progress_bar()
+
+
 def load_tokenizer(path: str | os.PathLike, what: str = "tokenizer directory"):
     """AutoTokenizer.from_pretrained with remote code refused up front and disabled in the call."""
     import transformers
 
     refuse_remote_code(path, what)
-    return transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    with quiet_transformers():
+        return transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
 def auto_class(task: str):
@@ -188,10 +208,13 @@ def auto_class(task: str):
 
 def load_base(ref: str | os.PathLike = DEFAULT_MODEL, task: str | None = None, tokenizer: str | None = None):
     """Load (model, tokenizer, BaseInfo) for a base model reference, in eval mode, fp32."""
+    with quiet_transformers():
+        return _load_base(ref, task, tokenizer)
+
+
+def _load_base(ref, task, tokenizer):
     import transformers
 
-    transformers.logging.disable_progress_bar()
-    transformers.logging.set_verbosity_error()
     if task is not None and task not in TASKS:
         raise EmbdeployError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     path = resolve_model_ref(ref)

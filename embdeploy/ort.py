@@ -237,7 +237,7 @@ def swap_session_options(so, ext_table, head_ext=None):
     CPU sessions only. A CUDA session ignores a CPU initializer it planned for
     the GPU (only a log warning; the file's table is used) and refuses a GPU
     one that ORT allocated ("Buffer containing the initializer must be owned
-    by the user"), both measured with onnxruntime-gpu 1.31 on an H100. On CUDA,
+    by the user"; both in perf/README.md, CUDA). On CUDA,
     feed the table as the graph input of the same name instead (the rewrite
     declares one); `embdeploy.runtime.Session` does that by default.
     Returns `so`.

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import EmbdeployError
+from .export.manifest import EXPORT_MODES
 
-MODES = ("merged", "split", "swap")
 WORKDIR_MARK = ".embdeploy-quickstart"
 
 
@@ -175,7 +175,7 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     t = time.perf_counter()
     console.print(f"base export cache: {cache} (shared with `embdeploy export`; move it with --cache-dir or "
                   "$EMBDEPLOY_CACHE)", highlight=False, markup=False)
-    for mode in MODES:
+    for mode in EXPORT_MODES:
         out = wd / f"onnx-{mode}"
         if (out / "embdeploy.json").is_file():
             man = ExportManifest.read(out)
@@ -199,7 +199,7 @@ def run_quickstart(workdir="embdeploy-quickstart", model: str = "minilm", terms=
     t = time.perf_counter()
     from .bench import run_bench, write_markdown, write_plot
 
-    result = run_bench([res.exports[m]["dir"] for m in MODES], rounds=bench_rounds, memory_cost=True,
+    result = run_bench([res.exports[m]["dir"] for m in EXPORT_MODES], rounds=bench_rounds, memory_cost=True,
                        progress=lambda msg: console.print(f"[dim]  {msg}[/]"), texts=held, batch_sizes=(1,))
     (wd / "bench.json").write_text(result.to_json())
     write_markdown(result, wd / "bench.md")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EmbdeployError, RegressionDetected
+from ..jsonfile import read_versioned
 from .result import BenchResult
 
 BASELINE_KIND = "embdeploy-bench-baseline"
@@ -70,20 +71,11 @@ def load_baseline(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise EmbdeployError(f"baseline {path} does not exist; create it with --save-baseline {path} on a trusted run")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EmbdeployError(f"baseline {path} is not valid JSON ({e}); re-create it with --save-baseline") from None
-    if not isinstance(doc, dict) or doc.get("kind") != BASELINE_KIND or not isinstance(doc.get("ratios"), list):
-        raise EmbdeployError(
-            f"{path} is not an embdeploy bench baseline (kind {BASELINE_KIND!r} with a 'ratios' list); "
-            "re-create it with --save-baseline"
-        )
-    if doc.get("format_version") != BASELINE_FORMAT_VERSION:
-        raise EmbdeployError(
-            f"baseline {path} has format_version {doc.get('format_version')!r}, this embdeploy reads "
-            f"{BASELINE_FORMAT_VERSION}; re-create it with --save-baseline"
-        )
+    doc = read_versioned(path, kind=BASELINE_KIND, what="an embdeploy bench baseline",
+                         fix="re-create it with --save-baseline", versions=(BASELINE_FORMAT_VERSION,))
+    if not isinstance(doc.get("ratios"), list):
+        raise EmbdeployError(f"{path} is not an embdeploy bench baseline (it has no 'ratios' list); "
+                             "re-create it with --save-baseline")
     return doc
 
 

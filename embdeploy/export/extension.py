@@ -28,13 +28,12 @@ from typing import TYPE_CHECKING
 from ..errors import EmbdeployError, FingerprintMismatch
 from ..fsutil import atomic_output_dir, check_output_dir
 from ..models import save_tokenizer
-from .manifest import MANIFEST, ExportManifest, dtype_name, publishable, short_dtype
+from .manifest import EXPORT_MODES, MANIFEST, ExportManifest, dtype_name, publishable, short_dtype
 from .st_layout import write_st_layout
 
 if TYPE_CHECKING:
     from .validate import ValidationReport
 
-EXPORT_MODES = ("merged", "split", "swap")
 EXTENSION_DATA = "extension.onnx.data"
 
 

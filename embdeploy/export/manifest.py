@@ -32,7 +32,8 @@ MANIFEST = "embdeploy.json"
 KIND = "embdeploy-onnx"
 FORMAT_VERSION = 1
 MODES = ("base", "merged", "split", "swap")
-EXTENDED_MODES = ("merged", "split", "swap")
+EXPORT_MODES = ("merged", "split", "swap")  # the modes an extension is exported in; "base" is the cache's
+FORMATS = ("onnx", "genai")  # genai: also what onnxruntime-genai reads (genai_config.json)
 DTYPES = {"fp32": "float32", "fp16": "float16"}  # CLI spelling -> manifest spelling
 CREATED_BY = f"embdeploy {__version__}"
 _ELEM = {"float32": 1, "float16": 10}  # onnx.TensorProto data types
@@ -100,6 +101,7 @@ class ExportManifest:
     pooling: dict | None = None  # {"mode": "mean" | "cls", "normalize": bool} for sentence embeddings
     quantization: dict | None = None  # {"precision": "int8", "scheme": …} or None
     source: dict | None = None  # base exports: what the cache entry was built from
+    format: str = "onnx"  # onnx | genai (a genai export also holds genai_config.json for onnxruntime-genai)
     validation: dict | None = None
     created_by: str = CREATED_BY
     directory: Path | None = field(default=None, compare=False, repr=False)  # where it was read; not written
@@ -235,7 +237,8 @@ _FIELDS = {
 }
 _EXTENDED_FIELDS = {"base_model": dict, "extension_fingerprint": str}  # merged/split/swap only
 _OPTIONAL = {"kv_cache": dict, "base_onnx": str, "extension_dir": str, "head": str, "base_tokenizer": dict,
-             "pooling": dict, "quantization": dict, "source": dict, "validation": dict, "created_by": str}
+             "pooling": dict, "quantization": dict, "source": dict, "validation": dict, "created_by": str,
+             "format": str}
 _JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
 
 
@@ -244,7 +247,7 @@ def _schema_problems(m: dict) -> list[str]:
     mode = m.get("mode")
     if mode not in MODES:
         problems.append(f"mode is {mode!r}, expected one of {', '.join(MODES)}")
-    fields = dict(_FIELDS, **(_EXTENDED_FIELDS if mode in EXTENDED_MODES else {}))
+    fields = dict(_FIELDS, **(_EXTENDED_FIELDS if mode in EXPORT_MODES else {}))
     for name, kind in fields.items():
         v = m.get(name)
         if name not in m:
@@ -260,7 +263,7 @@ def _schema_problems(m: dict) -> list[str]:
             problems.append(f"{k} is {m[k]}, expected a non-negative integer")
     if mode == "base" and m.get("K") not in (0, None):
         problems.append(f"a base export must have K=0, found K={m.get('K')}")
-    if mode in EXTENDED_MODES and m.get("K") == 0:
+    if mode in EXPORT_MODES and m.get("K") == 0:
         problems.append(f"a {mode} export must have K>0 new rows, found K=0")
     tokens = m.get("tokens")  # the manifest is not among the hashed files: K must at least agree with it
     if isinstance(tokens, list) and isinstance(m.get("K"), int) and len(tokens) != m["K"]:
@@ -290,6 +293,8 @@ def _schema_problems(m: dict) -> list[str]:
         problems.append(f"model_file {m['model_file']!r} is not among the hashed files")
     if any(not isinstance(x, str) for x in m["inputs"] + m["outputs"]):
         problems.append("inputs and outputs must be lists of names (strings)")
+    if m.get("format", "onnx") not in FORMATS:
+        problems.append(f"format is {m['format']!r}, expected one of {', '.join(FORMATS)}")
     if m["dtype"] not in _ELEM:
         problems.append(f"dtype is {m['dtype']!r}, expected one of {', '.join(_ELEM)}")
     return problems

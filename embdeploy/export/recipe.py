@@ -12,10 +12,10 @@ and bad values are refused, all listed at once.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import EmbdeployError, raise_all
+from ..jsonfile import read_json
 from .base import BACKENDS
 from .extension import EXPORT_MODES
 from .validate import PROVIDERS
@@ -32,10 +32,7 @@ def load_recipe(path) -> dict:
     p = Path(path).expanduser()
     if not p.is_file():
         raise EmbdeployError(f"recipe {p} does not exist; pass a JSON file like export/minilm-merged-cpu.json")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EmbdeployError(f"recipe {p} is not valid JSON ({e})") from None
+    data = read_json(p, "fix the recipe (a JSON object of export arguments)")
     if not isinstance(data, dict):
         raise EmbdeployError(f"recipe {p} must hold a JSON object of export arguments")
     problems = []

@@ -199,11 +199,17 @@ class ValidationReport:
 # --------------------------------------------------------------------------- probes
 
 
+# What a probe exercises; the swap check re-runs the kinds that reach every extension row.
+TEXT, IDS, BASE, PADDING, ONE_TOKEN, DECODE = "new tokens (text)", "new ids (direct)", "base only", "padding", \
+    "one token", "decode step"
+
+
 @dataclass
 class Probe:
     name: str
     input_ids: np.ndarray  # (B, S) int64
     attention_mask: np.ndarray  # (B, S) int64, right padding
+    kind: str = ""  # one of the kinds above
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,12 +222,12 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def _batches(name: str, rows: list[list[int]], pad_id: int, batch: int = BATCH) -> list[Probe]:
+def _batches(kind: str, rows: list[list[int]], pad_id: int, batch: int = BATCH) -> list[Probe]:
     probes = []
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
         suffix = f" {start // batch + 1}" if len(rows) > batch else ""
-        probes.append(Probe(name + suffix, *_pad(chunk, pad_id)))
+        probes.append(Probe(kind + suffix, *_pad(chunk, pad_id), kind=kind))
     return probes
 
 
@@ -254,7 +260,7 @@ def build_probes(tokenizer, V: int, K: int, max_len: int = 512) -> tuple[list[Pr
         for s in range(0, K, per_text):
             text_rows.append(encode("the " + " ".join(tokens[s : s + per_text]) + " ."))
             produced.update(i for i in text_rows[-1] if i >= V)
-        probes += _batches("new tokens (text)", text_rows, pad_id, batch)
+        probes += _batches(TEXT, text_rows, pad_id, batch)
         missing = [t for i, t in zip(range(V, V + K), tokens) if i not in produced]
         if missing:
             notes.append(
@@ -263,19 +269,19 @@ def build_probes(tokenizer, V: int, K: int, max_len: int = 512) -> tuple[list[Pr
             )
         new_ids = [V + K - 1, V] + list(range(V + 1, V + K - 1)) if K > 1 else [V]
         id_rows = [start + new_ids[s : s + per_row] for s in range(0, len(new_ids), per_row)]
-        probes += _batches("new ids (direct)", id_rows, pad_id, batch)
+        probes += _batches(IDS, id_rows, pad_id, batch)
     base_text = "the quick brown fox jumps over the lazy dog"
     base_ids = encode(base_text)
     if any(i >= V for i in base_ids):
         notes.append("the base-only probe text contains new tokens; it still runs, but is not base-only")
-    probes.append(Probe("base only", *_pad([base_ids], pad_id)))
+    probes.append(Probe(BASE, *_pad([base_ids], pad_id), kind=BASE))
     long_text = f"{base_text} and then {base_text} again" + (f" {tokens[-1]}" if K else "")
     pad_rows = [encode(long_text), encode(f"a {tokens[0]}" if K else "a"), encode("hello")]
     for i in range(1, len(pad_rows)):  # three different lengths, whatever the tokenizer made of the texts
         while len(pad_rows[i]) > 1 and len(pad_rows[i]) in {len(r) for r in pad_rows[:i]}:
             pad_rows[i] = pad_rows[i][:-1]
-    probes.append(Probe("padding", *_pad(pad_rows, pad_id)))
-    probes.append(Probe("one token", *_pad([[V + K - 1 if K else (start or [0])[0]]], pad_id)))
+    probes.append(Probe(PADDING, *_pad(pad_rows, pad_id), kind=PADDING))
+    probes.append(Probe(ONE_TOKEN, *_pad([[V + K - 1 if K else (start or [0])[0]]], pad_id), kind=ONE_TOKEN))
     return probes, notes
 
 
@@ -405,66 +411,81 @@ def _run_probes(sess, roles: dict[str, str], reference, probes, tol, report, lab
     decode step feeds its present.* back with one more token per row (from `step_ids`); that step's
     outputs are compared with PyTorch's full-sequence outputs at the last position.
     """
-    names = [o.name for o in sess.get_outputs()]
-    inputs = {i.name: i for i in sess.get_inputs()}
-    cache = cache or {}
-    compared = [n for n in names if n not in set(cache.values())]  # present.*: checked through the decode step
-    mapping = None
-
-    unfillable = False
-
-    def run(probe: Probe, feeds: dict, past: dict | None) -> dict | None:
-        nonlocal unfillable
-        ort_feed, problem = _ort_feed(roles, inputs, feeds, past)
-        if problem:
-            report.problems.append(problem)
-            unfillable = True
-            return None
-        ort_feed.update(extra_feeds or {})
-        try:
-            return dict(zip(names, sess.run(None, ort_feed)))
-        except Exception as e:  # ORT's RuntimeException etc.
-            report.problems.append(f"{label}{probe.name}: ONNX Runtime failed: {str(e).splitlines()[0]}")
-            return None
-
-    def check(probe: Probe, got: dict, ref: dict) -> None:
-        nonlocal mapping
-        if mapping is None:
-            mapping, problems = _match_outputs(compared, [np.asarray(got[n]) for n in compared], ref)
-            report.problems.extend(problems)
-        for name in compared:
-            if name in mapping:
-                c = _compare(probe, name, np.asarray(got[name]), ref[mapping[name]], tol)
-                c.probe = label + c.probe
-                if c.problem:
-                    c.problem = label + c.problem
-                report.checks.append(c)
-
+    run = _ProbeRun(sess, roles, reference, tol, report, label, base_V, extra_feeds or {}, cache or {})
     for index, probe in enumerate(probes):
-        feeds = role_arrays(probe.input_ids, probe.attention_mask)
-        got = run(probe, feeds, None)
-        if unfillable:
+        got = run.probe(probe)
+        if run.unfillable:
             return  # an input embdeploy cannot feed: every probe would say the same
-        if got is None:
-            continue
-        check(probe, got, reference(feeds, base_V))
-        if not cache:
-            continue
+        if got is not None and run.cache:
+            run.decode_step(probe, got, step_ids, index)
+
+
+class _ProbeRun:
+    """One ORT session checked against the reference: the plain probe check and the decode-step check.
+
+    The output mapping (ORT output -> reference output) is found on the first probe and kept for the rest.
+    """
+
+    def __init__(self, sess, roles, reference, tol, report, label, base_V, extra_feeds: dict, cache: dict):
+        self.sess, self.roles, self.reference, self.tol, self.report = sess, roles, reference, tol, report
+        self.label, self.base_V, self.extra_feeds, self.cache = label, base_V, extra_feeds, cache
+        self.names = [o.name for o in sess.get_outputs()]
+        self.inputs = {i.name: i for i in sess.get_inputs()}
+        self.compared = [n for n in self.names if n not in set(cache.values())]  # present.*: via the decode step
+        self.mapping: dict | None = None
+        self.unfillable = False
+
+    def probe(self, probe: Probe) -> dict | None:
+        """Run `probe` with an empty past and compare; the ORT outputs (None when the run failed)."""
+        feeds = role_arrays(probe.input_ids, probe.attention_mask)
+        got = self._run(probe, feeds, None)
+        if got is not None:
+            self._check(probe, got, self.reference(feeds, self.base_V))
+        return got
+
+    def decode_step(self, probe: Probe, got: dict, step_ids: list[int], index: int) -> None:
+        """Feed `probe`'s present.* back with one more token per row; compare with the full sequence's last position."""
         B, S = probe.input_ids.shape
-        bad = [p for p in cache.values() if got[p].ndim != 4 or got[p].shape[0] != B or got[p].shape[2] != S]
+        bad = [p for p in self.cache.values() if got[p].ndim != 4 or got[p].shape[0] != B or got[p].shape[2] != S]
         if bad:
-            report.problems.append(f"{label}{probe.name}: present output(s) {', '.join(bad)} are not (batch {B}, "
-                                   f"heads, {S}, head_dim) after a prefill of {S} tokens with an empty past")
-            continue
+            self.report.problems.append(
+                f"{self.label}{probe.name}: present output(s) {', '.join(bad)} are not (batch {B}, heads, {S}, "
+                f"head_dim) after a prefill of {S} tokens with an empty past")
+            return
         full = _decode_probe(probe, step_ids, index)
         full_feeds = role_arrays(full.input_ids, full.attention_mask)
         step_feeds = {r: v if r == "attention_mask" else v[:, -1:] for r, v in full_feeds.items()}
-        step = Probe(f"decode step after {probe.name}", full.input_ids[:, -1:], full.attention_mask[:, -1:])
-        got = run(step, step_feeds, {past: got[present] for past, present in cache.items()})
-        if got is not None:
+        step = Probe(f"{DECODE} after {probe.name}", full.input_ids[:, -1:], full.attention_mask[:, -1:], kind=DECODE)
+        stepped = self._run(step, step_feeds, {past: got[present] for past, present in self.cache.items()})
+        if stepped is not None:
             ref = {k: v[:, -1:] if v.ndim >= 3 and v.shape[:2] == full.input_ids.shape else v
-                   for k, v in reference(full_feeds, base_V).items()}
-            check(step, got, ref)
+                   for k, v in self.reference(full_feeds, self.base_V).items()}
+            self._check(step, stepped, ref)
+
+    def _run(self, probe: Probe, feeds: dict, past: dict | None) -> dict | None:
+        ort_feed, problem = _ort_feed(self.roles, self.inputs, feeds, past)
+        if problem:
+            self.report.problems.append(problem)
+            self.unfillable = True
+            return None
+        ort_feed.update(self.extra_feeds)
+        try:
+            return dict(zip(self.names, self.sess.run(None, ort_feed)))
+        except Exception as e:  # ORT's RuntimeException etc.
+            self.report.problems.append(f"{self.label}{probe.name}: ONNX Runtime failed: {str(e).splitlines()[0]}")
+            return None
+
+    def _check(self, probe: Probe, got: dict, ref: dict) -> None:
+        if self.mapping is None:
+            self.mapping, problems = _match_outputs(self.compared, [np.asarray(got[n]) for n in self.compared], ref)
+            self.report.problems.extend(problems)
+        for name in self.compared:
+            if name in self.mapping:
+                c = _compare(probe, name, np.asarray(got[name]), ref[self.mapping[name]], self.tol)
+                c.probe = self.label + c.probe
+                if c.problem:
+                    c.problem = self.label + c.problem
+                self.report.checks.append(c)
 
 
 def _decode_probe(probe: Probe, step_ids: list[int], index: int) -> Probe:
@@ -472,7 +493,7 @@ def _decode_probe(probe: Probe, step_ids: list[int], index: int) -> Probe:
     B = probe.input_ids.shape[0]
     nxt = np.array([step_ids[(index + b) % len(step_ids)] for b in range(B)], np.int64)[:, None]
     return Probe(probe.name, np.concatenate([probe.input_ids, nxt], axis=1),
-                 np.concatenate([probe.attention_mask, np.ones((B, 1), np.int64)], axis=1))
+                 np.concatenate([probe.attention_mask, np.ones((B, 1), np.int64)], axis=1), kind=probe.kind)
 
 
 def _ort_feed(roles: dict[str, str], inputs: dict, feeds: dict, past: dict | None) -> tuple[dict, str | None]:
@@ -624,8 +645,8 @@ def _swap_check(model_path, provider, ext, m, roles, reference, probes, report, 
     if ext.head_mode == "untied":
         head = _replacement(ext.head_table().float().cpu().numpy(), seed=2).astype(np_dtype)
     # Every row through the direct ids; the tokenizer path was checked above, once is enough here.
-    new_probes = [p for p in probes if p.name.startswith(("new ids", "padding", "one token"))]
-    new_probes.insert(0, next(p for p in probes if p.name.startswith("new tokens")))
+    new_probes = [p for p in probes if p.kind in (IDS, PADDING, ONE_TOKEN)]
+    new_probes.insert(0, next(p for p in probes if p.kind == TEXT))
     if provider == "cpu":
         # The table through the session options, as a CPU service swaps it (ort.swap_session_options).
         so, feeds = swap_session_options(session_options(), embed, head), None

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import EmbdeployError
 from ..models import TASKS
+from ..pooling import pool
 
 ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 POOLING_MODES = ("mean", "cls")
@@ -126,15 +127,3 @@ def task_outputs(model, task: str, pooling: dict | None, inputs: dict, extras: b
     if pooling is not None:
         result["sentence_embedding"] = pool(hidden, inputs["attention_mask"], pooling)
     return result
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: dict) -> torch.Tensor:
-    """sentence-transformers pooling: (B, S, H), (B, S) -> (B, H)."""
-    if pooling["mode"] == "cls":
-        emb = hidden[:, 0]
-    else:
-        m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, S, 1)
-        emb = (hidden * m).sum(1) / torch.clamp(m.sum(1), min=1e-9)
-    if pooling["normalize"]:
-        emb = torch.nn.functional.normalize(emb, p=2, dim=-1)
-    return emb

@@ -25,8 +25,9 @@ from torch import nn
 
 from .. import __version__
 from ..errors import EmbdeployError, FingerprintMismatch, raise_all
-from ..fingerprint import table_fingerprint, tokenizer_fingerprint
+from ..fingerprint import rows_fingerprint, table_fingerprint, tokenizer_fingerprint
 from ..fsutil import atomic_output_dir
+from ..jsonfile import read_versioned
 from ..models import BaseInfo, load_base, load_tokenizer, refuse_remote_code, save_tokenizer
 from .config import ExtensionConfig
 from .init import initial_rows
@@ -174,10 +175,7 @@ class Extension:
         return params
 
     def extension_fingerprint(self) -> str:
-        parts = [table_fingerprint(self.embed_table())]
-        if self.head_mode == "untied":
-            parts.append(table_fingerprint(self.head_table()))
-        return table_fingerprint(torch.tensor(bytearray("|".join(parts).encode()), dtype=torch.uint8))
+        return rows_fingerprint(self.embed_table(), self.head_table() if self.head_mode == "untied" else None)
 
     def verify_base(self) -> None:
         """Recompute the base fingerprints; raise if any base row changed."""
@@ -375,18 +373,10 @@ def read_manifest(directory) -> dict:
     mf = d / MANIFEST
     if not mf.is_file():
         raise EmbdeployError(f"{d} is not an extension directory (no {MANIFEST}); pass a directory written by `embdeploy extend`")
-    try:
-        m = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EmbdeployError(f"{mf} is not valid JSON ({e}); the file is corrupted, re-run `embdeploy extend`") from None
+    m = read_versioned(mf, kind=FORMAT, kind_key="format", what="an embdeploy extension manifest",
+                       fix="the file is corrupted, re-run `embdeploy extend`", versions=(FORMAT_VERSION,),
+                       upgrade="Re-create the extension with this version or upgrade embdeploy.")
     problems = []
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise EmbdeployError(f"{mf} is not an embdeploy extension manifest (format != {FORMAT!r})")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise EmbdeployError(
-            f"{mf} has format_version {m.get('format_version')!r}; this embdeploy reads version {FORMAT_VERSION}. "
-            "Re-create the extension with this version or upgrade embdeploy."
-        )
     for k in ("V", "K", "H"):
         if not isinstance(m.get(k), int) or m[k] < 0:
             problems.append(f"{k} is {m.get(k)!r}, expected a non-negative integer")

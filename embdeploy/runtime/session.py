@@ -406,7 +406,7 @@ class Session:
             if wants_cuda(rt.providers):
                 raise EmbdeployError(
                     "table_binding='session' works on the CPU provider only: a CUDA session ignores or refuses an "
-                    "extension table given through the session options (measured, onnxruntime-gpu 1.31); use "
+                    "extension table given through the session options (perf/README.md, CUDA); use "
                     "table_binding='feed' (the default), which feeds the table from GPU memory with every run")
             sess = rt.create_session(swap_session_options(rt.options(), tables.embed, tables.head))
             fed = {}
@@ -762,9 +762,6 @@ def _load_tokenizer(directory: Path, V: int, tokens: tuple[str, ...], record: di
 
     refuse_remote_code(directory, "export directory")
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
         tok = load_tokenizer(directory)
     except Exception as e:  # transformers raises OSError/ValueError with long texts
         raise EmbdeployError(f"cannot load the tokenizer in {directory}: {str(e).splitlines()[0]}") from None

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EmbdeployError, FingerprintMismatch, raise_all
-from ..fingerprint import table_fingerprint
+from ..fingerprint import rows_fingerprint
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,6 @@ class ExtensionTables:
     @property
     def K(self) -> int:
         return int(self.embed.shape[0])
-
-
-def extension_fingerprint(embed: np.ndarray, head: np.ndarray | None) -> str:
-    """The fingerprint `Extension.extension_fingerprint` gives the same (K, H) rows, computed with numpy."""
-    parts = [table_fingerprint(embed)] + ([table_fingerprint(head)] if head is not None else [])
-    return table_fingerprint(np.frombuffer("|".join(parts).encode(), dtype=np.uint8))
 
 
 def read_extension(ext_dir, export, np_dtype) -> ExtensionTables:
@@ -79,7 +73,7 @@ def read_extension(ext_dir, export, np_dtype) -> ExtensionTables:
     raise_all(problems, f"the extension in {d} does not fit the export (K may differ, V and H may not):")
 
     embed, head = _read_rows(d / WEIGHTS, m, untied_export)
-    fingerprint = extension_fingerprint(embed, head if m.get("head") == "untied" else None)
+    fingerprint = rows_fingerprint(embed, head if m.get("head") == "untied" else None)
     if fingerprint != m["extension_fingerprint"]:  # read_manifest requires it
         raise EmbdeployError(
             f"the rows in {d / WEIGHTS} do not match the extension_fingerprint in {d / 'extension.json'} "

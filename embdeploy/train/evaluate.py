@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EmbdeployError
+from ..pooling import pool
 from .align import build_examples, is_causal, max_length, model_device
-from .objectives import collate, pad_id, pool
+from .objectives import collate, pad_id
 from .texts import folds_case
 
 BATCH = 64

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import EmbdeployError
+from ..pooling import pool
 from .align import Example, model_device
 
 OBJECTIVES = ("distill", "mlm", "clm")
@@ -39,19 +40,6 @@ def pad_id(tokenizer) -> int:
         if t is not None:
             return int(t)
     return 0
-
-
-def pool(states: torch.Tensor, mask: torch.Tensor, pooling: dict | None) -> torch.Tensor:
-    """Sentence embedding as sentence-transformers computes it (mean or cls, then maybe L2); plain mean without pooling info."""
-    mode = (pooling or {}).get("mode") or "mean"
-    if mode == "cls":
-        out = states[:, 0]
-    else:
-        m = mask.unsqueeze(-1).to(states.dtype)
-        out = (states * m).sum(1) / m.sum(1).clamp(min=1)
-    if (pooling or {}).get("normalize"):
-        out = F.normalize(out, dim=-1)
-    return out
 
 
 def example_seed(seed: int, step: int, index: int) -> int:
