@@ -338,12 +338,21 @@ def graph_problems(directory: Path, m: ExportManifest) -> list[str]:
     elem = _ELEM.get(m.dtype)
     ops = {n.op_type for n in g.graph.node}
     want = {"base": [(V, H)], "merged": [(V + K, H)], "split": [(V, H), (K, H)], "swap": [(V, H), (K, H)]}.get(mode, [])
+    # A genai swap export takes its (K, H) tables as graph inputs (onnxruntime-genai feeds no overridable
+    # initializer); the exported rows are in a hashed file beside the graph (export/genai.py).
+    fed_tables = m.format == "genai" and mode == "swap"
+    if fed_tables:
+        want = [(V, H)]
     for shape in want:
         if not any(s == shape and e == elem for s, e in tables.values()):
             problems.append(f"mode {mode} with V={V}, K={K}, H={H}, dtype {m.dtype} needs a {m.dtype} table of "
                             f"shape {shape}, and the graph has none")
     if mode in ("split", "swap"):
-        if tables.get(EXT_EMBED, (None,))[0] != (K, H):
+        if fed_tables:
+            if EXT_EMBED not in fed:
+                problems.append(f"a genai swap export takes the extension table {EXT_EMBED} as a graph input; "
+                                "the graph has no such input")
+        elif tables.get(EXT_EMBED, (None,))[0] != (K, H):
             problems.append(f"mode {mode} needs the extension table {EXT_EMBED} of shape ({K}, {H}) in the graph")
         if mode == "swap" and "Where" not in ops:
             problems.append("mode swap needs the Where that picks base or extension rows; the graph has none")
