@@ -242,7 +242,7 @@ def swap_session_options(so, ext_table, head_ext=None):
     declares one); `embdeploy.runtime.Session` does that by default.
     Returns `so`.
     """
-    from .onnx.rewrite import EXT_EMBED, EXT_HEAD  # the names rewrite_swap gives the tables
+    from .onnx import EXT_EMBED, EXT_HEAD  # the names rewrite_swap gives the tables
 
     ext = np.ascontiguousarray(_as_table(ext_table, "ext_table"))
     tables = {EXT_EMBED: ext}

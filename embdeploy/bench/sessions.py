@@ -67,7 +67,7 @@ def swap_options(ext_name: str, table: np.ndarray, threads: int, keep: list, dis
     Goes through embdeploy.ort.swap_session_options, the call a production
     service makes, when `ext_name` is the name the rewrite uses.
     """
-    from ..onnx.rewrite import EXT_EMBED
+    from ..onnx import EXT_EMBED
 
     so = session_options(threads, disable_prepacking)
     if ext_name == EXT_EMBED:

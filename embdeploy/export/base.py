@@ -447,7 +447,7 @@ def _rename_outputs(proto, renames: dict[str, str]):
 
 def _write_base(entry: Path, proto, base: _Base, source: dict) -> None:
     from ..onnx.io import save_model
-    from ..onnx.rewrite import find_embedding
+    from ..onnx.match import find_embedding
     from .graph import cache_outputs, graph_outputs, input_roles
 
     roles = input_roles(proto, find_embedding(proto, base.model.get_input_embeddings().weight.detach().numpy()).gathers)

@@ -154,8 +154,8 @@ def export_extension(
         head_table = ext.base_head_table().detach().cpu().numpy()
         head_ext = ext.head_table().cpu().numpy()
     rewrite = {"merged": rw.rewrite_merged, "split": rw.rewrite_split, "swap": rw.rewrite_swap}[mode]
-    new, _ = rewrite(proto, base_table, ext.embed_table().cpu().numpy(), head_table, head_ext)
-    del proto
+    new, _ = rewrite(proto, base_table, ext.embed_table().cpu().numpy(), head_table, head_ext, in_place=True)
+    del proto  # the same model as new: in place, no weight was copied
     timings["rewrite"] = time.perf_counter() - t
 
     names = {i.name for i in new.graph.initializer}
@@ -219,7 +219,7 @@ def _user_base(path: Path, ext) -> tuple[Path, ExportManifest | None]:
 def _manifest(ext, mode, dtype, tmp: Path, base_path: Path, extension_dir, roles, cache) -> ExportManifest:
     import onnx
 
-    from ..onnx.rewrite import EXT_EMBED, EXT_HEAD
+    from ..onnx import EXT_EMBED, EXT_HEAD
     from .graph import graph_inputs, graph_outputs
 
     graph = onnx.load(str(tmp / "model.onnx"), load_external_data=False)

@@ -313,7 +313,7 @@ def graph_problems(directory: Path, m: ExportManifest) -> list[str]:
     """The manifest's behaviour-changing fields against the graph (read without its external data)."""
     import onnx
 
-    from ..onnx.rewrite import EXT_EMBED
+    from ..onnx import EXT_EMBED
     from .graph import graph_inputs, graph_outputs
 
     d = Path(directory)

@@ -53,7 +53,7 @@ def quantize_proto(proto, base_table, head_table=None):
     import onnx
 
     from ..onnx.io import load_model, save_model
-    from ..onnx.rewrite import find_lm_head
+    from ..onnx.match import find_lm_head
 
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic

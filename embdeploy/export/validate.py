@@ -565,7 +565,7 @@ def validate_manifest(m, ext, provider: str = "cpu", shown_as=None) -> Validatio
     """`validate` for an export whose manifest `m` (an ExportManifest read from its directory) the caller
     has verified or just written: export_extension validates its unfinished `.NAME.partial-*` directory
     and reports it as `shown_as`, the name it will have."""
-    from ..onnx.rewrite import EXT_EMBED, EXT_HEAD
+    from ..onnx import EXT_EMBED, EXT_HEAD
     from .wrapper import check_pooling, infer_task
 
     t0 = time.perf_counter()
@@ -637,7 +637,7 @@ def validate_manifest(m, ext, provider: str = "cpu", shown_as=None) -> Validatio
 
 
 def _swap_check(model_path, provider, ext, m, roles, reference, probes, report, cache, step_ids) -> None:
-    from ..onnx.rewrite import EXT_EMBED, EXT_HEAD
+    from ..onnx import EXT_EMBED, EXT_HEAD
 
     np_dtype = np.float16 if m.dtype == "float16" else np.float32
     embed = _replacement(ext.embed_table().float().cpu().numpy(), seed=1).astype(np_dtype)

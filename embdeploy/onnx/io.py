@@ -62,8 +62,8 @@ def save_model(
     raise_all(problems, f"cannot save {directory / filename}:")
 
     directory.mkdir(parents=True, exist_ok=True)
-    out = _copy_without(model, "graph")
-    out.graph.CopyFrom(_copy_without(model.graph, "initializer"))
+    out = copy_without(model, "graph")
+    out.graph.CopyFrom(copy_without(model.graph, "initializer"))
     files: dict[str, object] = {}
     try:
         for init in model.graph.initializer:
@@ -85,11 +85,11 @@ def _plain(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not re.search(r"[\\/]", name) and not PureWindowsPath(name).drive
 
 
-def _copy_without(msg, skip: str):
-    """A copy of a protobuf message without one (big) field, without copying that field first."""
+def copy_without(msg, *skip: str):
+    """A copy of a protobuf message without some (big) fields, without copying those fields first."""
     new = type(msg)()
     for field, value in msg.ListFields():
-        if field.name == skip:
+        if field.name in skip:
             continue
         target = getattr(new, field.name)
         if hasattr(value, "extend") or isinstance(value, (list, tuple)):
