@@ -524,20 +524,27 @@ class _Metrics:
         except ImportError:
             raise EmbdeployError("`embdeploy serve` needs prometheus-client for its metrics; install it with "
                                  "`pip install 'embdeploy[serve]'`") from None
+        import os
+
+        # Under `--workers N` (runtime/workers.py) every process writes its values to files in this
+        # directory and /metrics reads them all: the registry here only names the metrics then.
+        self.shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        live = {"multiprocess_mode": "livesum"} if self.shared_dir else {}
         self.registry = CollectorRegistry()
         self.requests = Counter("embdeploy_requests", "HTTP requests by route, status and model (tenant)",
                                 ["route", "status", "model"], registry=self.registry)
         self.seconds = Histogram("embdeploy_request_seconds", "Request latency by route, seconds", ["route"],
                                  registry=self.registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.in_flight = Gauge("embdeploy_requests_in_flight", "Requests being handled", registry=self.registry)
+        self.in_flight = Gauge("embdeploy_requests_in_flight", "Requests being handled", registry=self.registry,
+                               **live)
         self.texts = Counter("embdeploy_texts", "Texts encoded", registry=self.registry)
         sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)
         self.batch_texts = Histogram("embdeploy_batch_texts", "Texts per ONNX Runtime run", registry=self.registry,
                                      buckets=sizes)
         self.batch_requests = Histogram("embdeploy_batch_requests", "Requests sharing one ONNX Runtime run",
                                         registry=self.registry, buckets=sizes)
-        self.queue = Gauge("embdeploy_queue_texts", "Texts waiting for a run", registry=self.registry)
+        self.queue = Gauge("embdeploy_queue_texts", "Texts waiting for a run", registry=self.registry, **live)
         self.tokens = Counter("embdeploy_tokens", "Tokens run through the model, padding excluded",
                               registry=self.registry)
         self.padding = Counter("embdeploy_padding_tokens", "Padding positions run through the model",
@@ -557,7 +564,13 @@ class _Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         from starlette.responses import Response
 
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+        registry = self.registry
+        if self.shared_dir:
+            from prometheus_client import CollectorRegistry, multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self.shared_dir)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 class _Guard:
@@ -826,13 +839,15 @@ def serve(
     tenants=None,
     admin_keys=None,
     json_access_log: bool = False,
+    workers: int = 1,
 ) -> None:
     """Open a Session on `onnx_dir` and serve it with uvicorn until interrupted (Ctrl-C / SIGTERM).
 
     `batching`: a BatchConfig (or a dict of its fields); SIGTERM drains every request, then returns.
     `tenants`: {name: extension dir} over a swap export (runtime/tenants.py); `admin_keys`: keys for
     the admin routes that add and remove tenants while serving. `json_access_log`: one JSON line per
-    request on stderr (uvicorn's own text access log is `access_log`).
+    request on stderr (uvicorn's own text access log is `access_log`). `workers`: processes serving
+    the one port, each with its own Session (runtime/workers.py).
     """
     _starlette()
     try:
@@ -847,11 +862,36 @@ def serve(
                         ("max_connections", max_connections)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise EmbdeployError(f"{name} must be a positive number, got {value!r}")
-    batching = _batch_config(batching)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise EmbdeployError(f"workers must be a positive integer, got {workers!r}")
+    if workers > 1 and admin_keys:
+        raise EmbdeployError(f"the admin routes need a single worker (got workers={workers}): a tenant added through "
+                             "one worker would exist in that worker only. Drop --admin-key, or serve with --workers 1 "
+                             "and list the tenants with --tenant / --tenants-file")
+    options = dict(onnx_dir=onnx_dir, host=host, port=port, providers=providers, threads=threads,
+                   extension=extension, max_batch=max_batch, max_chars=max_chars, log_level=log_level,
+                   access_log=access_log, header_timeout=header_timeout, body_timeout=body_timeout,
+                   keep_alive=keep_alive, max_connections=max_connections, api_keys=api_keys,
+                   batching=_batch_config(batching), tenants=tenants, admin_keys=admin_keys,
+                   json_access_log=json_access_log)
+    if workers == 1:
+        _serve_on(None, **options)
+        return
+    from .workers import run_workers
+
+    run_workers(workers, bind_socket(host, port), options)
+
+
+def _serve_on(sock, onnx_dir, host, port, providers, threads, extension, max_batch, max_chars, log_level, access_log,
+              header_timeout, body_timeout, keep_alive, max_connections, api_keys, batching, tenants, admin_keys,
+              json_access_log) -> None:
+    """One server process: Session, app, uvicorn on `sock` (None: bind host:port once the app is built)."""
+    import uvicorn
+
     session = Session(onnx_dir, providers=providers, threads=threads, extension=extension)
     app = create_app(session, max_batch=max_batch, max_chars=max_chars, body_timeout=body_timeout, api_keys=api_keys,
                      batching=batching, tenants=tenants, admin_keys=admin_keys, access_log=json_access_log)
-    sock = bind_socket(host, port)
+    sock = sock if sock is not None else bind_socket(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             http=guarded_protocol(header_timeout, int(max_connections)), timeout_keep_alive=keep_alive)
     with _sigterm_is_a_clean_exit(), _json_lines_to_stderr(json_access_log):
