@@ -358,6 +358,11 @@ class Mode(str, Enum):
     swap = "swap"
 
 
+class Format(str, Enum):
+    onnx = "onnx"
+    genai = "genai"
+
+
 class DType(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
@@ -397,10 +402,17 @@ def export(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every validation probe, not one row per output."),
     base_model: Optional[str] = _base_model_option(),
+    format_: Format = typer.Option(Format.onnx, "--format", help="onnx [default], or genai: a causal LM for "
+                                   "onnxruntime-genai (KV cache, its search; `embdeploy generate`), base built by its "
+                                   "model builder, modes merged or swap (needs the genai extra)."),
 ):
     """Export an extension to ONNX (base exported once and cached, then a graph rewrite), then validate it against PyTorch."""
     from .export import export_extension
 
+    if format_ is Format.genai:
+        export_genai_cmd(ext_dir, out_dir, mode, recipe, base_onnx, backend, dtype, quantize, provider, no_validate,
+                         cache_dir, overwrite, verbose, base_model)
+        return
     args = {}
     if recipe is not None:
         from .export import load_recipe
@@ -427,6 +439,59 @@ def export(
     )
 
 
+def export_genai_cmd(ext_dir, out_dir, mode, recipe, base_onnx, backend, dtype, quantize, provider, no_validate,
+                     cache_dir, overwrite, verbose, base_model):
+    from .errors import EmbdeployError
+    from .export.genai import export_genai
+
+    given = {"--recipe": recipe, "--base-onnx": base_onnx, "--backend": backend, "--quantize": quantize}
+    refused = [k for k, v in given.items() if v is not None]
+    if refused:
+        raise EmbdeployError(f"--format genai builds its base with onnxruntime-genai's model builder; drop "
+                             f"{', '.join(refused)}")
+    if out_dir is None:
+        raise EmbdeployError("no output directory: pass --out DIR")
+    res = export_genai(ext_dir, (mode or Mode.merged).value, out_dir, dtype=(dtype.value if dtype else "fp32"),
+                       overwrite=overwrite, validate=not no_validate, cache_dir=cache_dir,
+                       provider=provider or "cpu", base_model=base_model,
+                       progress=lambda m: console.print(f"[dim]{_escape(m)}[/]"))
+    if res.report is not None:
+        out.print(res.report.table() if verbose else _validation_summary(res.report))
+        for note in res.report.notes if verbose else ():
+            out.print(f"note: {_escape(note)}")
+    t = res.timings
+    out.print(
+        f"[green]wrote[/] {res.out} (genai, {res.mode}, {res.dtype}); base {'from cache' if res.base_cached else 'built'}, "
+        f"rewrite {t.get('rewrite', 0):.2f}s, total {t.get('total', 0):.1f}s"
+        + ("" if res.report is None else f"; validation passed, max abs diff {res.report.max_abs_diff:.2e}, "
+           "greedy generation equal to transformers")
+    )
+
+
+# ------------------------------------------------------------------------------------------ generate
+@app.command()
+@_command
+def generate(
+    onnx_dir: Path = typer.Argument(..., help="A genai export (`embdeploy export --format genai`)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Stop after this many tokens (or at EOS)."),
+    extension: Optional[Path] = typer.Option(None, "--extension", help="Swap exports: use this extension directory's "
+                                             "rows for this run (made for the same base, same K) [default: the "
+                                             "exported rows]."),
+):
+    """Generate text with onnxruntime-genai (greedy), streaming it as it comes; new tokens are read and written."""
+    import sys
+
+    from .runtime.generate import Generator
+
+    gen = Generator(onnx_dir)
+    tables = gen.extension_tables(extension) if extension is not None else None
+    for piece in gen.stream(prompt, max_new_tokens, tables):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
 # ------------------------------------------------------------------------------------------ validate
 @app.command()
 @_command
@@ -443,6 +508,10 @@ def validate(
     from .export import validate_dir
 
     try:
+        from .export.manifest import ExportManifest
+
+        if ExportManifest.read(onnx_dir).format == "genai":
+            from .export.validate_genai import validate_genai_dir as validate_dir  # noqa: F811
         report = validate_dir(onnx_dir, ext, provider=provider, base_model=base_model)
     except ValidationFailed:
         raise

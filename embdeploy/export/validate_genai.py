@@ -85,6 +85,21 @@ def validate_genai(m, ext, provider: str = "cpu", shown_as=None) -> ValidationRe
     return report
 
 
+def validate_genai_dir(onnx_dir, ext_dir=None, provider: str = "cpu", base_model=None) -> ValidationReport:
+    """For `embdeploy validate` on a genai export: every file verified, the extension loaded, the gate run."""
+    from pathlib import Path
+
+    from ..extend.model import load_extension
+    from .manifest import ExportManifest
+
+    m = ExportManifest.verify(onnx_dir)
+    ext_dir = ext_dir or m.extension_dir
+    if not ext_dir or not Path(ext_dir).is_dir():
+        raise EmbdeployError(f"{onnx_dir} records no extension directory that still exists ({ext_dir}); "
+                             "pass it with --ext EXT_DIR")
+    return validate_genai(m, load_extension(ext_dir, base_model=base_model), provider=provider)
+
+
 @contextlib.contextmanager
 def _eval(model):
     import torch
