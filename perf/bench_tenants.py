@@ -9,6 +9,9 @@ swap mode, then, each in a fresh process:
             each encoding a text; resident memory after 0, 1, 2, 4, 8 and 16 tenants;
   sessions: the same number of separate `Session`s (one ONNX Runtime session each), as N
             single-vocabulary processes would hold them, here in one process.
+  workers:  `embdeploy serve --workers W` (W = 1, 2, 4) after a few requests: each worker's rss,
+            private (anonymous) bytes, file-backed resident bytes and pss (file pages shared by
+            the workers divided among them), from /proc.
 Memory is the kernel's count (embdeploy.bench.procmem): rss, and private (anonymous) bytes.
 """
 
@@ -65,6 +68,68 @@ def child(kind: str, onnx: str, ext: str) -> None:
     print(json.dumps(rows))
 
 
+def workers(onnx: Path, count: int) -> list[dict]:
+    """Per worker of `embdeploy serve --workers count`, after 20 requests: rss, private, file, pss (bytes)."""
+    import http.client
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "embdeploy.cli", "serve", str(onnx), "--port", str(port),
+                             "--providers", "cpu", "--threads", "1", "--workers", str(count)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            pids = [proc.pid] if count == 1 else [int(d.name) for d in Path("/proc").glob("[0-9]*")
+                                                  if _ppid(d) == proc.pid and b"spawn_main" in _read(d / "cmdline")]
+            if len(pids) == count and _answers(port, http.client):
+                break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"--workers {count} did not come up")
+            time.sleep(0.5)
+        for _ in range(20 * count):  # fresh connections: the kernel spreads them over the workers
+            _answers(port, http.client)
+        rows = []
+        for pid in pids:
+            status = dict(line.split(":", 1) for line in _read(Path(f"/proc/{pid}/status")).decode().splitlines())
+            rollup = dict(line.split(":", 1) for line in _read(Path(f"/proc/{pid}/smaps_rollup")).decode().splitlines()[1:])
+            kb = lambda d, k: int(d[k].split()[0]) * 1024  # noqa: E731
+            rows.append({"rss": kb(status, "VmRSS"), "private": kb(status, "RssAnon"), "file": kb(status, "RssFile"),
+                         "pss": kb(rollup, "Pss")})
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _ppid(d: Path) -> int:
+    stat = _read(d / "stat").decode()
+    return int(stat.rsplit(")", 1)[1].split()[1]) if ")" in stat else -1
+
+
+def _answers(port: int, http_client) -> bool:
+    try:
+        conn = http_client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/embeddings", body=json.dumps({"input": "troponin rose overnight"}),
+                     headers={"Content-Type": "application/json"})
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--child", nargs=3, metavar=("KIND", "ONNX", "EXT"), help=argparse.SUPPRESS)
@@ -89,6 +154,13 @@ def main(argv=None) -> int:
             extra = r.get("per_extra_mb")
             print(f"{kind:8s} n={r['n']:2d}: rss {r['rss_mb']:7.1f} MB  private {r['private_mb']:7.1f} MB"
                   + (f"  per extra: rss {extra['rss']:5.2f} MB, private {extra['private']:5.2f} MB" if extra else ""))
+    out["workers"] = {}
+    for count in (1, 2, 4):
+        rows = workers(onnx, count)
+        out["workers"][str(count)] = rows
+        mean = {k: sum(r[k] for r in rows) / len(rows) / MB for k in rows[0]}
+        print(f"workers={count}: per worker rss {mean['rss']:.1f} MB, private {mean['private']:.1f} MB, "
+              f"file {mean['file']:.1f} MB, pss {mean['pss']:.1f} MB")
     meta = json.loads((ext / "extension.json").read_text())
     result = {"what": "resident memory of N tenants: Session.fork over one swap Session vs N separate Sessions",
               "model": "packaged all-MiniLM-L6-v2, swap export", "K": meta.get("K") or len(meta.get("tokens", [])),
