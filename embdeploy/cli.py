@@ -395,7 +395,8 @@ def export(
     base_onnx: Optional[Path] = typer.Option(None, help="Use this ONNX file/dir (e.g. from optimum-cli) as the base instead of exporting one."),
     backend: Optional[Backend] = typer.Option(None, help="Base exporter: torch (torch.onnx dynamo) [default] or optimum (needs optimum-onnx)."),
     dtype: Optional[DType] = typer.Option(None, help="fp32 [default], or fp16 (for the CUDA provider)."),
-    quantize: Optional[Quantize] = typer.Option(None, help="int8: ONNX Runtime dynamic quantization of the MatMul weights (per channel) for the CPU; the embedding tables and LM head stay float, validated by cosine to PyTorch fp32."),
+    quantize: Optional[Quantize] = typer.Option(None, help="int8: ONNX Runtime dynamic quantization of the MatMul weights (per channel) for the CPU; the embedding tables, LM head and the MatMul with the largest activation outliers stay float, validated by cosine to PyTorch fp32."),
+    calibration_texts: Optional[Path] = typer.Option(None, help="With --quantize int8: texts (one per line or JSON lines; the first 64 are used) on which the activation outliers are measured [default: a sample of embdeploy's shipped training text]."),
     provider: Optional[str] = typer.Option(None, help="Provider used for validation: cpu [default] or cuda."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the validation gate (the manifest then records validation: null)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Base export cache, shared with `embdeploy quickstart` [default: $EMBDEPLOY_CACHE or ~/.cache/embdeploy]."),
@@ -419,7 +420,8 @@ def export(
 
         args.update(load_recipe(recipe))
     given = {"mode": mode and mode.value, "dtype": dtype and dtype.value, "backend": backend and backend.value,
-             "provider": provider, "base_onnx": base_onnx, "out": out_dir, "quantize": quantize and quantize.value}
+             "provider": provider, "base_onnx": base_onnx, "out": out_dir, "quantize": quantize and quantize.value,
+             "calibration_texts": calibration_texts}
     args.update({k: v for k, v in given.items() if v is not None})
     if no_validate:
         args["validate"] = False

@@ -152,3 +152,54 @@ def test_recipe_and_cli_take_quantize(tmp_path):
 
     args = load_recipe(Path(__file__).parent.parent / "export" / "minilm-int8-swap-cpu.json")
     assert args["quantize"] == "int8" and args["mode"] == "swap"
+
+
+def _const_matmuls(d) -> dict[str, np.ndarray]:
+    """{node name: weight} of the float MatMuls whose weight is a constant, in export `d`'s graph."""
+    from embdeploy.onnx.io import load_model
+
+    g = load_model(d).graph
+    inits = {t.name: t for t in g.initializer}
+    return {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in g.node if n.op_type == "MatMul" and n.input[1] in inits}
+
+
+def test_calibration_keeps_the_matmul_with_outlier_inputs_in_float(make_extension, tmp_path):
+    """One intermediate feature of layer 0 made 60x larger (an outlier feature, as trained transformers have):
+    the MatMul that reads it, the FFN output projection, is the one left in float and recorded."""
+    import torch
+
+    ext = make_extension("bert", seed=3)
+    layer = ext.model.encoder.layer[0]
+    with torch.no_grad():
+        layer.intermediate.dense.weight[5] *= 60.0
+        layer.intermediate.dense.bias[5] = 30.0
+    r = export_extension(ext, "merged", tmp_path / "out", cache_dir=tmp_path / "cache", quantize="int8")
+    assert r.report.passed
+    kept = r.manifest.quantization["float_matmuls"]
+    assert len(kept) == 1
+    (name, ratio), = kept.items()
+    floats = _const_matmuls(r.out)
+    assert list(floats) == [name]  # every other constant-weight MatMul was quantized
+    np.testing.assert_array_equal(floats[name], layer.output.dense.weight.detach().numpy().T)
+    assert ratio > 10
+    calib = r.manifest.quantization["keep_float"]["calibration"]
+    assert calib["source"] == "embdeploy/data/train.txt" and calib["texts"] == 64
+
+
+def test_calibration_texts_are_the_users_and_key_the_cache(make_extension, tmp_path):
+    ext = make_extension("bert", seed=4)
+    texts = tmp_path / "mine.txt"
+    texts.write_text("\n".join(f"serum potassium {i} rose overnight" for i in range(10)) + "\n")
+    cache = tmp_path / "cache"
+    r = export_extension(ext, "swap", tmp_path / "a", cache_dir=cache, quantize="int8", calibration_texts=texts)
+    calib = r.manifest.quantization["keep_float"]["calibration"]
+    assert calib["source"] == str(texts) and calib["texts"] == 10 and r.report.passed
+    default = export_extension(ext, "swap", tmp_path / "b", cache_dir=cache, quantize="int8")
+    assert not default.base_cached and default.base_onnx != r.base_onnx  # other texts, another cache entry
+    again = export_extension(ext, "merged", tmp_path / "c", cache_dir=cache, quantize="int8", calibration_texts=texts)
+    assert again.base_cached and again.base_onnx == r.base_onnx
+    with pytest.raises(EmbdeployError, match="--calibration-texts applies to --quantize int8 only"):
+        export_extension(ext, "swap", tmp_path / "d", cache_dir=cache, calibration_texts=texts)
+    with pytest.raises(EmbdeployError, match="is not a file"):
+        export_extension(ext, "swap", tmp_path / "e", cache_dir=cache, quantize="int8",
+                         calibration_texts=tmp_path / "missing.txt")

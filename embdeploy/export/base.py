@@ -169,6 +169,7 @@ def export_base(
     overwrite: bool = False,
     progress=None,
     quantize: str | None = None,
+    calibration_texts=None,
 ) -> BaseExport:
     """Export the base model of `ext_or_model` (an Extension, or a plain transformers model) once.
 
@@ -190,28 +191,46 @@ def export_base(
             base = _Base(ext_or_model, plain, task, pooling)
             by = "" if backend == "torch" else f"-{backend}"  # one entry per exporter: switching does not evict
             q = f"-{quantize}" if quantize else ""
-            entry = cache_root(cache_dir) / "base" / f"{base.embed_fp.split(':')[-1][:16]}-{base.task}-{dtype}{by}{q}"
             source = base.source(dtype, backend)
+            texts = None
             if quantize:
+                from .quantize import calibration_texts as read_calibration
                 from .quantize import scheme
 
                 if dtype != "fp32":
                     raise EmbdeployError("--quantize int8 starts from the float32 base; drop --dtype fp16")
-                source["quantize"] = scheme(quantize)
+                tokenizer = getattr(ext_or_model, "base_tokenizer", None)  # an Extension's; a plain model has none
+                if tokenizer is not None:
+                    texts, where = read_calibration(calibration_texts)
+                source["quantize"] = scheme(quantize, texts, where if texts else None)
+                if calibration_texts is not None:  # the user's texts: an entry of its own beside the default one
+                    q += "-" + source["quantize"]["keep_float"]["calibration"]["sha256"].split(":")[1][:8]
+            elif calibration_texts is not None:
+                raise EmbdeployError("--calibration-texts applies to --quantize int8 only; add --quantize int8 or drop it")
+            entry = cache_root(cache_dir) / "base" / f"{base.embed_fp.split(':')[-1][:16]}-{base.task}-{dtype}{by}{q}"
             cached = _cache_hit(entry, source)
             if cached:
                 say(f"base export found in the cache: {entry}")
             else:
+                quantization = source.get("quantize")
                 if quantize:
                     from ..onnx.io import load_model
-                    from .quantize import quantize_proto
+                    from .quantize import calibration_feeds, quantize_proto
 
                     fp32_dir = export_base(plain, base.task, base.pooling, "fp32", backend, cache_dir,
                                            progress=progress).path
                     say(f"quantizing the base export ({quantize}, onnxruntime dynamic, per-channel MatMul weights)")
                     head = plain.get_output_embeddings() if hasattr(plain, "get_output_embeddings") else None
-                    proto = quantize_proto(load_model(fp32_dir), base.model.get_input_embeddings().weight.detach().numpy(),
-                                           head.weight.detach().numpy() if head is not None else None)
+                    table = base.model.get_input_embeddings().weight.detach().numpy()
+                    fp32 = load_model(fp32_dir)
+                    feeds = calibration_feeds(fp32, table, tokenizer, texts) if texts else None
+                    proto, kept = quantize_proto(fp32, table, head.weight.detach().numpy() if head is not None else None,
+                                                 feeds)
+                    del fp32
+                    if kept:
+                        say("kept in float (largest input outlier ratio on the calibration texts): "
+                            + ", ".join(f"{n} ({r})" for n, r in kept.items()))
+                    quantization = {**quantization, "float_matmuls": kept}
                 elif dtype == "fp16":
                     fp32_dir = export_base(plain, base.task, base.pooling, "fp32", backend, cache_dir,
                                            progress=progress).path
@@ -220,7 +239,7 @@ def export_base(
                 else:
                     say(f"exporting the base model to ONNX ({backend}; done once per base, then cached)")
                     proto = _export_proto(base, backend)
-                _write_base(entry, proto, base, source)
+                _write_base(entry, proto, base, source, quantization)
         finally:
             plain.train(training)
     if out is not None:
@@ -445,7 +464,7 @@ def _rename_outputs(proto, renames: dict[str, str]):
     return proto
 
 
-def _write_base(entry: Path, proto, base: _Base, source: dict) -> None:
+def _write_base(entry: Path, proto, base: _Base, source: dict, quantization: dict | None = None) -> None:
     from ..onnx.io import save_model
     from ..onnx.match import find_embedding
     from .graph import cache_outputs, graph_outputs, input_roles
@@ -459,5 +478,5 @@ def _write_base(entry: Path, proto, base: _Base, source: dict) -> None:
             mode="base", task=base.task, V=base.V, K=0, H=base.H, dtype=source["dtype"], inputs=tuple(roles),
             input_roles=roles, outputs=tuple(graph_outputs(proto)), files={}, kv_cache=cache,
             base_fingerprint={"embed": base.embed_fp, "head": base.head_fp}, head=base.head_mode,
-            pooling=base.pooling, quantization=source.get("quantize"), source=source,
+            pooling=base.pooling, quantization=quantization, source=source,
         ).with_files(tmp).write(tmp)

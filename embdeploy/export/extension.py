@@ -62,6 +62,7 @@ def export_extension(
     backend: str = "torch",
     provider: str = "cpu",
     quantize: str | None = None,
+    calibration_texts=None,
     base_model=None,
 ) -> ExportResult:
     """Export `ext` (an Extension or an extension directory) to ONNX directory `out` in `mode`.
@@ -101,6 +102,11 @@ def export_extension(
         if provider != "cpu":
             problems.append("int8 exports run ONNX Runtime's dynamic quantization kernels on the CPU provider; "
                             "validate them with --provider cpu")
+    if calibration_texts is not None:
+        if quantize is None:
+            problems.append("--calibration-texts applies to --quantize int8 only; add --quantize int8 or drop it")
+        elif not Path(calibration_texts).is_file():
+            problems.append(f"calibration texts {calibration_texts} is not a file; pass a text file (one text per line)")
     if problems:
         raise EmbdeployError("; ".join(problems))
     out = Path(out)
@@ -122,7 +128,7 @@ def export_extension(
         base_cached = True
     else:
         made = base_export.export_base(ext, dtype=dtype, backend=backend, cache_dir=cache_dir, progress=say,
-                                       quantize=quantize)
+                                       quantize=quantize, calibration_texts=calibration_texts)
         base_path, base_cached = made.path, made.cached
         base_manifest = ExportManifest.read(base_path)
     timings["base"] = time.perf_counter() - t
@@ -132,12 +138,17 @@ def export_extension(
     proto = load_model(base_path)
     base_table = ext.base_table().detach().cpu().numpy()
     base_quantized = base_manifest is not None and base_manifest.quantization
+    quantization = base_manifest.quantization if base_quantized else None
     if quantize and base_onnx is not None and not base_quantized:
-        from .quantize import quantize_proto
+        from .quantize import calibration_feeds, quantize_proto, scheme
+        from .quantize import calibration_texts as read_calibration
 
         say(f"quantizing the given base ({quantize})")  # a user's file is quantized here, not cached
-        proto = quantize_proto(proto, base_table, ext.base_head_table().detach().cpu().numpy()
-                               if ext.head_mode == "untied" else None)
+        texts, where = read_calibration(calibration_texts)
+        feeds = calibration_feeds(proto, base_table, ext.base_tokenizer, texts)
+        proto, kept = quantize_proto(proto, base_table, ext.base_head_table().detach().cpu().numpy()
+                                     if ext.head_mode == "untied" else None, feeds)
+        quantization = {**scheme(quantize, texts if feeds else None, where if feeds else None), "float_matmuls": kept}
     if not quantize and base_quantized:
         raise EmbdeployError(f"--base-onnx {base_onnx} is an int8 base; pass --quantize int8, or the float32 base")
     emb = rw.find_embedding(proto, base_table)
@@ -174,9 +185,7 @@ def export_extension(
         write_st_layout(tmp, ext.base_info.path, ext.base_info.pooling if _task(ext) == "feature-extraction" else None, say)
         manifest = _manifest(ext, mode, dtype, tmp, base_path, extension_dir, roles, cache)
         if quantize:
-            from .quantize import scheme
-
-            manifest = dataclasses.replace(manifest, quantization=scheme(quantize))
+            manifest = dataclasses.replace(manifest, quantization=quantization)
         manifest.write(tmp)
         timings["write"] = time.perf_counter() - t
         if validate:

@@ -4,8 +4,8 @@
      "mode": "swap", "dtype": "fp32", "backend": "torch", "provider": "cpu", "validate": true}
 
 `load_recipe` returns only the export arguments (mode, dtype, backend,
-provider, quantize, validate, base_onnx, out), ready for `export_extension(ext, **args)`;
-a relative `base_onnx` is resolved against the recipe's folder (it ships with
+provider, quantize, validate, base_onnx, calibration_texts, out), ready for `export_extension(ext, **args)`;
+a relative `base_onnx` or `calibration_texts` is resolved against the recipe's folder (they ship with
 the recipe), a relative `out` against the working directory (like --out). Unknown keys
 and bad values are refused, all listed at once.
 """
@@ -24,7 +24,7 @@ RECIPE_VERSION = 1
 _CHOICES = {"mode": EXPORT_MODES, "dtype": ("fp32", "fp16"), "backend": BACKENDS, "provider": tuple(PROVIDERS),
             "quantize": ("int8",)}
 _META = ("recipe_version", "name", "description")
-_ARGS = (*_CHOICES, "validate", "base_onnx", "out")
+_ARGS = (*_CHOICES, "validate", "base_onnx", "calibration_texts", "out")
 
 
 def load_recipe(path) -> dict:
@@ -48,12 +48,13 @@ def load_recipe(path) -> dict:
             problems.append(f"{key} is {data[key]!r}; choose one of {', '.join(choices)}")
     if "validate" in data and not isinstance(data["validate"], bool):
         problems.append(f"validate is {data['validate']!r}; use true or false")
-    for key in ("name", "description", "base_onnx", "out"):
+    for key in ("name", "description", "base_onnx", "calibration_texts", "out"):
         if key in data and not isinstance(data[key], str):
             problems.append(f"{key} must be a string")
     raise_all(problems, f"recipe {p} has problems:")
     args = {k: data[k] for k in _ARGS if k in data}
-    if "base_onnx" in args:
-        base = Path(args["base_onnx"]).expanduser()
-        args["base_onnx"] = str(base if base.is_absolute() else (p.parent / base).resolve())
+    for key in ("base_onnx", "calibration_texts"):  # relative to the recipe
+        if key in args:
+            path = Path(args[key]).expanduser()
+            args[key] = str(path if path.is_absolute() else (p.parent / path).resolve())
     return args
