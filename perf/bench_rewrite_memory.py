@@ -51,23 +51,16 @@ def _rewrites(path: str | None):
     return {m: getattr(rewrite, f"rewrite_{m}") for m in MODES}
 
 
-def _kernel_status() -> dict[str, int]:
-    keys = {"VmRSS": "rss", "VmHWM": "hwm"}
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in keys:
-                out[keys[k]] = int(v.split()[0]) * 1024
-    return out
-
-
 def child(case: str, rewrite_file: str | None, rows: int = V) -> dict:
     import gc
+
+    sys.path.insert(0, str(ROOT))
 
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+
+    from embdeploy.bench.procmem import status  # VmRSS, VmHWM
 
     rng = np.random.default_rng(0)
     table = rng.standard_normal((rows, H), dtype=np.float32)
@@ -94,11 +87,11 @@ def child(case: str, rewrite_file: str | None, rows: int = V) -> dict:
         def run():
             return fn(model, table, ext, **kwargs)
 
-    before = _kernel_status()
+    before = status()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
     new, changed = run()
-    after = _kernel_status()
+    after = status()
     assert changed
     out_bytes = sum(len(t.raw_data) for t in new.graph.initializer)
     return {

@@ -42,8 +42,11 @@ class Plan:
     in_place: bool
 
 
-def plan(model, base_table, ext_table, head_table, head_ext, in_place: bool) -> Plan:
-    """Check the arguments and the model, find the tables; raises EmbdeployError naming what is wrong."""
+def plan(model, base_table, ext_table, head_table, head_ext, in_place: bool, resizes_tables: bool = False) -> Plan:
+    """Check the arguments and the model, find the tables; raises EmbdeployError naming what is wrong.
+
+    `resizes_tables` (merged, split): every reader of the tables must be one the pass extends.
+    """
     base = as_table(base_table, "base_table")
     ext = as_table(ext_table, "ext_table")
     v, h = base.shape
@@ -93,7 +96,10 @@ def plan(model, base_table, ext_table, head_table, head_ext, in_place: bool) -> 
     if head is not None:
         head_dtype = helper.tensor_dtype_to_np_dtype(idx.consts[head.weight].data_type)
         head_rows = (ext if tied else head_ext).astype(head_dtype)
-    return Plan(model, idx, emb, head, ext.astype(emb.dtype), head_rows, tied, in_place)
+    p = Plan(model, idx, emb, head, ext.astype(emb.dtype), head_rows, tied, in_place)
+    if resizes_tables and len(ext):
+        check_only_known_consumers(p)
+    return p
 
 
 def unchanged(plan: Plan) -> onnx.ModelProto:

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from embdeploy.errors import EmbdeployError
 
-_COMPARE_BYTES = 64 << 20  # compare tables in blocks: a whole-table `==` allocates a bool per element
+_COMPARE_BYTES = 16 << 20  # compare tables in blocks: a whole-table `==` allocates a bool per element
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .build import Builder, check_only_known_consumers, extend_biases, head_seeds, materialize, plan, unchanged
+from .build import Builder, extend_biases, head_seeds, materialize, plan, unchanged
 
 
 def rewrite_merged(
@@ -23,10 +23,9 @@ def rewrite_merged(
     K == 0 returns the model unchanged (a copy unless `in_place`). Other readers of the tables
     raise `EmbdeployError`. `in_place=True` rewrites and returns `model` itself.
     """
-    p = plan(model, base_table, ext_table, head_table, head_ext, in_place)
+    p = plan(model, base_table, ext_table, head_table, head_ext, in_place, resizes_tables=True)
     if p.ext.shape[0] == 0:
         return unchanged(p), False
-    check_only_known_consumers(p)
     b = Builder(p)
     emb, head = p.emb, p.head
     materialize(b, emb.table, np.concatenate([p.idx.array(emb.table), p.ext], axis=0))

@@ -8,7 +8,6 @@ from .build import (
     EXT_EMBED,
     EXT_HEAD,
     Builder,
-    check_only_known_consumers,
     extend_biases,
     head_seeds,
     materialize_if_constant,
@@ -37,10 +36,9 @@ def rewrite_split(
     K == 0 returns the model unchanged (a copy unless `in_place`). Other readers of the tables
     raise `EmbdeployError`. `in_place=True` rewrites and returns `model` itself, copying no weight.
     """
-    p = plan(model, base_table, ext_table, head_table, head_ext, in_place)
+    p = plan(model, base_table, ext_table, head_table, head_ext, in_place, resizes_tables=True)
     if p.ext.shape[0] == 0:
         return unchanged(p), False
-    check_only_known_consumers(p)
     b = Builder(p)
     emb, head = p.emb, p.head
     materialize_if_constant(b, emb.table)
