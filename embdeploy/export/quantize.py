@@ -113,7 +113,7 @@ def calibration_feeds(proto, base_table, tokenizer, texts: list[str]) -> list[tu
     calibration cannot fill (a KV cache)."""
     import numpy as np
 
-    from ..onnx.rewrite import find_embedding
+    from ..onnx.match import find_embedding
     from ..ort import ORT_INT, role_arrays
     from .graph import input_roles
 
