@@ -1,6 +1,6 @@
 """`embdeploy serve` under load, with and without dynamic batching, on loopback.
 
-    python perf/bench_serve.py                                   # the full run (about 10 minutes on 2 cores)
+    python perf/bench_serve.py                                   # the full run (a few minutes on 2 cores)
     python perf/bench_serve.py --requests 40 --rounds 1 --clients 1,8 --out /tmp/smoke.json   # a smoke run
 
 Builds (once, in perf/work/serve/) an extension of the packaged MiniLM with the 50 shipped clinical
