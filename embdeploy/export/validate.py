@@ -11,6 +11,7 @@ model wrapped like the export, see `wrapper.task_outputs`):
     base only          a text without new tokens
     padding            a batch of very different lengths, right-padded
     one token          batch 1, sequence 1: shapes unlike the export's dummy (2, 16)
+    your texts         with `texts`: the user's own texts, extended tokenizer, truncated to the model's length
 
 A decoder exported with a KV cache (`past_key_values.*` inputs, `present.*`
 outputs, recorded as `kv_cache` in embdeploy.json) runs every probe with an
@@ -22,7 +23,10 @@ themselves are checked for shape only; the decode step is what proves them.
 Per probe and output: names and shapes must match, values must be finite, and
 max |ort - torch|, mean |ort - torch| and the worst cosine (over the last axis,
 per row) must be within TOLERANCES[(dtype, provider)]. Per-token outputs are
-compared where attention_mask is 1 (padding positions are not defined).
+compared where attention_mask is 1 (padding positions are not defined). Per output,
+over every probe: the mean row cosine and, for logits, top-1 agreement and top-5
+overlap with PyTorch on those real positions (all V+K columns) must reach the
+tolerance's thresholds too; int8 is gated by these, not by distances.
 
 Swap exports are also run with a replacement extension table (rows permuted
 and perturbed), given to ONNX Runtime per session and to PyTorch as the
@@ -49,12 +53,21 @@ from ..ort import ORT_INT, create_session, import_ort, role_arrays, session_opti
 @dataclass(frozen=True)
 class Tolerance:
     """A check passes when max_abs <= atol + rtol * max|ref|, mean_abs <= mean_atol + rtol * mean|ref|
-    and the worst row cosine >= min_cosine."""
+    and the worst row cosine >= min_cosine.
+
+    Over all probes of one output (rows pooled, so a one-row probe does not decide alone): the mean row
+    cosine >= min_mean_cosine and, for logits, the share of real positions whose top-1 id agrees with
+    PyTorch's >= min_top1 and the mean overlap of the top-5 ids >= min_top5. The columns of the new ids
+    count like any other: the export must predict them too. The defaults do not gate (float rows are
+    held by the distances)."""
 
     atol: float
     rtol: float
     mean_atol: float
     min_cosine: float
+    min_mean_cosine: float = -1.0
+    min_top1: float = 0.0
+    min_top5: float = 0.0
 
 
 # The one table of tolerances. fp32 on CPU is the same math in another order; CUDA
@@ -103,6 +116,10 @@ class Check:
     ref_max_abs: float
     ok: bool
     problem: str | None = None
+    mean_cosine: float = 1.0
+    rows: int = 0  # rows the cosines are over (real positions of a per-token output, texts of a pooled one)
+    top1: float | None = None  # logits: share of those positions whose top-1 id is PyTorch's
+    top5: float | None = None  # logits: mean share of PyTorch's top-5 ids among the export's top 5
 
 
 @dataclass
@@ -116,27 +133,63 @@ class ValidationReport:
     problems: list[str] = field(default_factory=list)  # failures that are not a number (names, shapes, ids)
     notes: list[str] = field(default_factory=list)
     new_ids_checked: int = 0
+    texts: dict | None = None  # with the user's texts: how many, their positions, new-token positions, truncated
     extension_fingerprint_matches: bool = True
     seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
-        return not self.problems and all(c.ok for c in self.checks)
+        return not self.problems and all(c.ok for c in self.checks) and not self._pooled_failures()
 
     @property
     def max_abs_diff(self) -> float:
         return max((c.max_abs for c in self.checks), default=0.0)
 
     def outputs(self) -> dict[str, dict]:
-        """Worst values per output over all probes."""
+        """Per output over all probes: the worst distances and row cosine, the mean row cosine and, for
+        logits, top-1 agreement and top-5 overlap (means over every row of every probe)."""
         worst: dict[str, dict] = {}
+        sums: dict[str, list[float]] = {}  # [rows, sum of cosines, logit rows, top-1 agreeing, top-5 overlap]
         for c in self.checks:
-            w = worst.setdefault(c.output, {"max_abs": 0.0, "mean_abs": 0.0, "min_cosine": 1.0, "ok": True})
+            w = worst.setdefault(c.output, {"max_abs": 0.0, "mean_abs": 0.0, "min_cosine": 1.0, "mean_cosine": 1.0,
+                                            "top1": None, "top5": None, "rows": 0, "ok": True})
             w["max_abs"] = max(w["max_abs"], c.max_abs)
             w["mean_abs"] = max(w["mean_abs"], c.mean_abs)
             w["min_cosine"] = min(w["min_cosine"], c.min_cosine)
             w["ok"] = w["ok"] and c.ok
+            s = sums.setdefault(c.output, [0, 0.0, 0, 0.0, 0.0])
+            s[0] += c.rows
+            s[1] += c.mean_cosine * c.rows
+            if c.top1 is not None:
+                s[2] += c.rows
+                s[3] += c.top1 * c.rows
+                s[4] += c.top5 * c.rows
+        for name, w in worst.items():
+            rows, cos, logit_rows, top1, top5 = sums[name]
+            w["rows"] = rows
+            if rows:
+                w["mean_cosine"] = cos / rows
+            if logit_rows:
+                w["top1"], w["top5"] = top1 / logit_rows, top5 / logit_rows
+            w["ok"] = w["ok"] and not self._pooled_problems(name, w)
         return worst
+
+    def _pooled_problems(self, name: str, w: dict) -> list[str]:
+        """What fails the tolerance's thresholds on the means over all probes of output `name`."""
+        tol, lines = self.tolerance, []
+        if w["rows"] and w["mean_cosine"] < tol.min_mean_cosine:
+            lines.append(f"{name}: mean cosine {w['mean_cosine']:.6f} over {w['rows']} rows of all probes "
+                         f"(min {tol.min_mean_cosine})")
+        if w["top1"] is not None and w["top1"] < tol.min_top1:
+            lines.append(f"{name}: top-1 agreement with PyTorch {w['top1']:.4f} over {w['rows']} real positions "
+                         f"(min {tol.min_top1})")
+        if w["top5"] is not None and w["top5"] < tol.min_top5:
+            lines.append(f"{name}: top-5 overlap with PyTorch {w['top5']:.4f} over {w['rows']} real positions "
+                         f"(min {tol.min_top5})")
+        return lines
+
+    def _pooled_failures(self) -> list[str]:
+        return [line for name, w in self.outputs().items() for line in self._pooled_problems(name, w)]
 
     def failures(self) -> list[str]:
         lines = list(self.problems)
@@ -147,7 +200,7 @@ class ValidationReport:
                     c.problem or f"{c.probe} / {c.output}: max |diff| {c.max_abs:.3g} (allowed {tol.atol + tol.rtol * c.ref_max_abs:.3g}), "
                     f"mean {c.mean_abs:.3g}, worst cosine {c.min_cosine:.6f} (min {tol.min_cosine})"
                 )
-        return lines
+        return lines + self._pooled_failures()
 
     def to_json(self) -> dict:
         return {
@@ -160,6 +213,7 @@ class ValidationReport:
             "max_abs_diff": self.max_abs_diff,
             "outputs": self.outputs(),
             "new_ids_checked": self.new_ids_checked,
+            "texts": self.texts,
             "extension_fingerprint_matches": self.extension_fingerprint_matches,
             "problems": self.failures(),
             "notes": self.notes,
@@ -173,11 +227,12 @@ class ValidationReport:
 
         status = "[green]passed[/green]" if self.passed else "[red]FAILED[/red]"
         t = Table(title=f"validation {status}: {self.mode} {self.dtype} on {self.provider} ({self.onnx_dir})")
-        for col in ("probe", "output", "shape", "max |diff|", "mean |diff|", "worst cos", ""):
-            t.add_column(col, justify="right" if "diff" in col or "cos" in col else "left")
+        for col in ("probe", "output", "shape", "max |diff|", "mean |diff|", "worst cos", "mean cos", "top-1", "top-5", ""):
+            t.add_column(col, justify="left" if col in ("probe", "output", "shape", "") else "right")
         for c in self.checks:
             t.add_row(c.probe, c.output, "x".join(map(str, c.shape)), f"{c.max_abs:.2e}", f"{c.mean_abs:.2e}",
-                      f"{c.min_cosine:.6f}", "ok" if c.ok else "[red]FAIL[/red]")
+                      f"{c.min_cosine:.6f}", f"{c.mean_cosine:.6f}", _share(c.top1), _share(c.top5),
+                      "ok" if c.ok else "[red]FAIL[/red]")
         return t
 
     def render(self, width: int = 120) -> str:
@@ -187,13 +242,34 @@ class ValidationReport:
         console = Console(file=buf, width=width, force_terminal=False, color_system=None)
         console.print(self.table())
         tol = self.tolerance
-        console.print(f"tolerance: atol {tol.atol:g} + rtol {tol.rtol:g}·max|ref|, mean {tol.mean_atol:g}, "
-                      f"cosine >= {tol.min_cosine}; {self.new_ids_checked} new ids checked in {self.seconds:.1f}s")
+        console.print(f"tolerance: {tolerance_text(tol)}; {self.new_ids_checked} new ids checked in {self.seconds:.1f}s")
+        for name, w in self.outputs().items():
+            if w["rows"]:
+                console.print(f"{name} over all probes: mean cosine {w['mean_cosine']:.6f} ({w['rows']} rows)"
+                              + ("" if w["top1"] is None else f", top-1 agreement {w['top1']:.4f}, "
+                                 f"top-5 overlap {w['top5']:.4f}"))
         for line in self.failures():
             console.print(f"FAIL: {line}")
         for note in self.notes:
             console.print(f"note: {note}")
         return buf.getvalue()
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def tolerance_text(tol: Tolerance) -> str:
+    """The tolerance in one line, the thresholds that gate only."""
+    parts = [f"atol {tol.atol:g} + rtol {tol.rtol:g}·max|ref|, mean {tol.mean_atol:g}"] if np.isfinite(tol.atol) else []
+    parts.append(f"worst row cosine >= {tol.min_cosine}")
+    if tol.min_mean_cosine > -1:
+        parts.append(f"mean cosine >= {tol.min_mean_cosine}")
+    if tol.min_top1 > 0:
+        parts.append(f"logits top-1 agreement >= {tol.min_top1}")
+    if tol.min_top5 > 0:
+        parts.append(f"top-5 overlap >= {tol.min_top5}")
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- probes
@@ -202,6 +278,7 @@ class ValidationReport:
 # What a probe exercises; the swap check re-runs the kinds that reach every extension row.
 TEXT, IDS, BASE, PADDING, ONE_TOKEN, DECODE = "new tokens (text)", "new ids (direct)", "base only", "padding", \
     "one token", "decode step"
+USER = "your texts"
 
 
 @dataclass
@@ -285,10 +362,27 @@ def build_probes(tokenizer, V: int, K: int, max_len: int = 512) -> tuple[list[Pr
     return probes, notes
 
 
+def text_probes(tokenizer, texts: list[str], V: int, max_len: int = 512) -> tuple[list[Probe], dict]:
+    """The user's texts as probes: the export's (extended) tokenizer, at most `max_len` tokens each, batched
+    by length (less padding); and what they hold, for the report."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, truncated = [], 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        truncated += len(ids) > max_len
+        rows.append(ids[:max_len] or [pad_id])
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    probes = _batches(USER, [rows[i] for i in order], pad_id)
+    new = [i for r in rows for i in r if i >= V]
+    summary = {"count": len(rows), "positions": sum(map(len, rows)), "new_token_positions": len(new),
+               "new_ids": len(set(new)), "truncated": truncated, "max_length": max_len}
+    return probes, summary
+
+
 # --------------------------------------------------------------------------- comparison
 
 
-def _compare(probe: Probe, name: str, got: np.ndarray, want: np.ndarray, tol: Tolerance) -> Check:
+def _compare(probe: Probe, name: str, got: np.ndarray, want: np.ndarray, tol: Tolerance, logits: bool = False) -> Check:
     shape = list(got.shape)
     if got.shape != want.shape:
         return Check(probe.name, name, shape, float("inf"), float("inf"), -1.0, 0.0, False,
@@ -314,7 +408,22 @@ def _compare(probe: Probe, name: str, got: np.ndarray, want: np.ndarray, tol: To
         and mean_abs <= tol.mean_atol + tol.rtol * ref_mean
         and min_cos >= tol.min_cosine
     )
-    return Check(probe.name, name, shape, max_abs, mean_abs, min_cos, ref_max, ok)
+    check = Check(probe.name, name, shape, max_abs, mean_abs, min_cos, ref_max, ok,
+                  mean_cosine=float(cos.mean()) if cos.size else 1.0, rows=int(cos.size))
+    if logits and a.shape[0] and a.shape[-1] > 1:
+        check.top1, check.top5 = _top_k_agreement(a, b)
+        check.rows = a.shape[0]  # top-k counts every position, a zero row of logits included
+    return check
+
+
+def _top_k_agreement(got: np.ndarray, want: np.ndarray, k: int = 5) -> tuple[float, float]:
+    """(share of rows whose argmax agrees, mean share of `want`'s top-k ids in `got`'s top k); (N, vocab) each."""
+    k = min(k, got.shape[-1])
+    top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+    g = np.argpartition(-got, k - 1, axis=-1)[:, :k]
+    w = np.argpartition(-want, k - 1, axis=-1)[:, :k]
+    overlap = (g[:, :, None] == w[:, None, :]).any(-1).sum(-1) / k
+    return top1, float(overlap.mean())
 
 
 def _match_outputs(names: list[str], got: list[np.ndarray], ref: dict) -> tuple[dict[str, str], list[str]]:
@@ -481,7 +590,8 @@ class _ProbeRun:
             self.report.problems.extend(problems)
         for name in self.compared:
             if name in self.mapping:
-                c = _compare(probe, name, np.asarray(got[name]), ref[self.mapping[name]], self.tol)
+                c = _compare(probe, name, np.asarray(got[name]), ref[self.mapping[name]], self.tol,
+                             logits=self.mapping[name] == "logits")
                 c.probe = self.label + c.probe
                 if c.problem:
                     c.problem = self.label + c.problem
@@ -550,18 +660,30 @@ def _replacement(table: np.ndarray, seed: int) -> np.ndarray:
     return rows + rng.normal(0.0, 0.5 * scale, size=rows.shape).astype(np.float32)
 
 
-def validate(onnx_dir, ext, provider: str = "cpu") -> ValidationReport:
+def validate(onnx_dir, ext, provider: str = "cpu", texts=None) -> ValidationReport:
     """Validate the export in `onnx_dir` against extension `ext`; raise ValidationFailed on any failure.
 
-    Every file is checked against its digest first. Returns the report when every
-    check passed. The exception carries it as `.report`.
+    Every file is checked against its digest first. `texts` (a file, one text per line or JSON lines;
+    or a list of str) adds the user's texts as probes, checked with the same tolerance. Returns the
+    report when every check passed. The exception carries it as `.report`.
     """
     from .manifest import ExportManifest
 
-    return validate_manifest(ExportManifest.verify(onnx_dir), ext, provider)
+    return validate_manifest(ExportManifest.verify(onnx_dir), ext, provider, texts=texts)
 
 
-def validate_manifest(m, ext, provider: str = "cpu", shown_as=None) -> ValidationReport:
+def read_probe_texts(texts) -> list[str] | None:
+    """`texts` for validation: None, a list of str, or a file in read_texts' formats (refused when missing or empty)."""
+    if texts is None or isinstance(texts, list):
+        if texts is not None and not any(t.strip() for t in texts):
+            raise EmbdeployError("the texts to validate on are all empty; pass texts with words in them, or drop --texts")
+        return texts
+    from ..train.texts import read_texts
+
+    return read_texts(texts)
+
+
+def validate_manifest(m, ext, provider: str = "cpu", shown_as=None, texts=None) -> ValidationReport:
     """`validate` for an export whose manifest `m` (an ExportManifest read from its directory) the caller
     has verified or just written: export_extension validates its unfinished `.NAME.partial-*` directory
     and reports it as `shown_as`, the name it will have."""
@@ -569,6 +691,7 @@ def validate_manifest(m, ext, provider: str = "cpu", shown_as=None) -> Validatio
     from .wrapper import check_pooling, infer_task
 
     t0 = time.perf_counter()
+    texts = read_probe_texts(texts)  # a bad file is refused before anything runs
     onnx_dir = m.path
     mode = m.mode
     report = ValidationReport(str(shown_as or onnx_dir), mode, m.precision, provider,
@@ -598,6 +721,13 @@ def validate_manifest(m, ext, provider: str = "cpu", shown_as=None) -> Validatio
     K = 0 if mode == "base" else ext.K
     probes, notes = build_probes(ext.tokenizer, ext.V, K, max_positions(ext.model.config))
     report.notes.extend(notes)
+    if texts:
+        user, report.texts = text_probes(ext.tokenizer, texts, ext.V, max_positions(ext.model.config))
+        probes += user
+        t = report.texts
+        report.notes.append(f"{t['count']} of your texts: {t['positions']} positions, {t['new_token_positions']} of "
+                            f"them new tokens ({t['new_ids']} distinct ids)"
+                            + (f"; {t['truncated']} truncated to {t['max_length']} tokens" if t["truncated"] else ""))
     report.new_ids_checked = K
     reference = _Reference(ext, task, pooling, set(roles.values()))
     base_V = ext.V if mode == "base" else None
@@ -661,12 +791,14 @@ def _swap_check(model_path, provider, ext, m, roles, reference, probes, report, 
                     extra_feeds=feeds, cache=cache, step_ids=step_ids)
 
 
-def validate_dir(onnx_dir, ext_dir=None, provider: str = "cpu", base_model=None) -> ValidationReport:
-    """For `embdeploy validate`: load the extension (`ext_dir`, else the one recorded at export) and validate."""
+def validate_dir(onnx_dir, ext_dir=None, provider: str = "cpu", base_model=None, texts=None) -> ValidationReport:
+    """For `embdeploy validate`: load the extension (`ext_dir`, else the one recorded at export) and validate
+    (`texts`: the user's texts as extra probes, see `validate`)."""
     from ..extend.model import load_extension
     from .manifest import ExportManifest
 
     m = ExportManifest.verify(onnx_dir)
+    texts = read_probe_texts(texts)  # before the extension loads: a wrong path is reported in a second
     ext_dir = ext_dir or m.extension_dir
     if not ext_dir:
         raise EmbdeployError(
@@ -676,4 +808,4 @@ def validate_dir(onnx_dir, ext_dir=None, provider: str = "cpu", base_model=None)
         raise EmbdeployError(
             f"the extension directory {ext_dir} (recorded at export) does not exist any more; pass it with --ext EXT_DIR"
         )
-    return validate_manifest(m, load_extension(ext_dir, base_model=base_model), provider=provider)
+    return validate_manifest(m, load_extension(ext_dir, base_model=base_model), provider=provider, texts=texts)
