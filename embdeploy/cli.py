@@ -95,10 +95,12 @@ def _validation_summary(report):
 
     t = Table(title=f"validation {'passed' if report.passed else 'FAILED'}: {report.mode} {report.dtype} on {report.provider}, "
                     f"{len(report.checks)} checks, {report.new_ids_checked} new ids", title_justify="left")
-    for col in ("output", "max |diff|", "mean |diff|", "worst cosine", ""):
+    for col in ("output", "max |diff|", "mean |diff|", "worst cosine", "mean cosine", "top-1", "top-5", ""):
         t.add_column(col, justify="left" if col == "output" else "right")
     for name, w in report.outputs().items():
-        t.add_row(name, f"{w['max_abs']:.2e}", f"{w['mean_abs']:.2e}", f"{w['min_cosine']:.6f}", "ok" if w["ok"] else "FAIL")
+        top = ["-", "-"] if w.get("top1") is None else [f"{w['top1']:.4f}", f"{w['top5']:.4f}"]
+        t.add_row(name, f"{w['max_abs']:.2e}", f"{w['mean_abs']:.2e}", f"{w['min_cosine']:.6f}",
+                  f"{w.get('mean_cosine', 1.0):.6f}", *top, "ok" if w["ok"] else "FAIL")
     return t
 
 
@@ -504,23 +506,35 @@ def validate(
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every probe, not one row per output."),
     base_model: Optional[str] = _base_model_option(),
+    texts: Optional[Path] = typer.Option(None, "--texts", help="Your texts (one per line, or JSON lines) as extra "
+                                         "probes: the export's tokenizer, truncated to the model's length, the same "
+                                         "tolerance; for int8 exports the mean cosine on them is the figure to read."),
 ):
     """Check file digests, then ONNX Runtime against PyTorch on probes that hit every new id; non-zero exit on any failure."""
-    from .errors import ValidationFailed
+    from .errors import EmbdeployError, ValidationFailed
     from .export import validate_dir
 
     try:
         from .export.manifest import ExportManifest
 
+        extra = {"texts": texts}
         if ExportManifest.read(onnx_dir).format == "genai":
             from .export.validate_genai import validate_genai_dir as validate_dir  # noqa: F811
-        report = validate_dir(onnx_dir, ext, provider=provider, base_model=base_model)
+
+            if texts is not None:
+                raise EmbdeployError("--texts is for ONNX exports; a genai export is checked by generation, drop --texts")
+            extra = {}
+        report = validate_dir(onnx_dir, ext, provider=provider, base_model=base_model, **extra)
     except ValidationFailed:
         raise
     if json_out:
         out.print_json(data=report.to_json())
     else:
         out.print(report.table() if verbose else _validation_summary(report))
+        if report.texts:
+            t = report.texts
+            out.print(f"your texts: {t['count']} ({t['positions']} positions, {t['new_token_positions']} new-token "
+                      f"positions, {t['truncated']} truncated to {t['max_length']} tokens)")
         out.print(f"[green]passed[/]: {onnx_dir}, max abs diff {report.max_abs_diff:.2e}")
 
 
