@@ -403,3 +403,29 @@ def test_gpu_memory_and_name_are_read_from_nvidia_smi(tmp_path, monkeypatch):
     assert procmem.gpu_description() == "NVIDIA H100 80GB HBM3, 81559 MiB, driver 580.159.04"
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert procmem.gpu_used_mb() is None and procmem.gpu_description() is None
+
+
+def test_an_export_is_also_timed_against_its_own_base_of_another_precision(tmp_path):
+    """An int8 export benched against the fp32 base: its own (int8) base joins the same rounds, and the run reports
+    the export against it too (what the extension costs there); a base of the same precision adds nothing."""
+    import dataclasses
+
+    fp32 = write_export(tmp_path / "fp32-base", "base")
+    own = write_export(tmp_path / "int8-base", "base", seed=1)
+    m = ExportManifest.read(own)
+    dataclasses.replace(m, quantization={"precision": "int8"}).write(own)
+    variant = write_export(tmp_path / "int8-merged", "merged", base_dir=own, seed=1)
+    same = write_export(tmp_path / "fp32-merged", "merged", base_dir=write_export(tmp_path / "copy", "base"))
+    res = run_bench([variant, same], base_dir=fp32, shapes=((1, 4),), rounds=3, warmup=0, memory_cost=False)
+    labels = {v.label: Path(v.path) for v in res.variants}
+    assert own.resolve() in labels.values() and (tmp_path / "copy").resolve() not in labels.values()
+    own_label = next(k for k, p in labels.items() if p == own.resolve())
+    variant_label = next(k for k, p in labels.items() if p == variant.resolve())
+    refs = {(r.variant, r.mix): r for r in res.references}
+    assert set(refs) == {(variant_label, BASE_MIX), (variant_label, NEW_MIX)}
+    assert all(r.reference == own_label and r.ratio > 0 and r.ratio_q25 <= r.ratio <= r.ratio_q75 for r in refs.values())
+    again = type(res).from_json(res.to_json())
+    assert again.references == res.references
+    from embdeploy.bench.report import markdown
+
+    assert "Against each export's own base" in markdown(res)

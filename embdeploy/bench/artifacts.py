@@ -84,6 +84,28 @@ def resolve_artifacts(onnx_dirs, base_dir=None) -> tuple[ExportManifest, list[Ex
     return base, variants
 
 
+def own_bases(base: ExportManifest, variants: list[ExportManifest]) -> list[ExportManifest]:
+    """The base exports the variants were rewritten from, where they differ in precision from `base`.
+
+    An int8 export benchmarked against the fp32 base: its int8 base is timed in the same rounds too,
+    so one run gives both what int8 buys (against the fp32 base) and what the extension costs (against
+    its own base). Bases of the same precision (a copy, the cache entry) add nothing and are not added.
+    """
+    have = {base.path} | {v.path for v in variants}
+    extra = []
+    for v in variants:
+        if not v.base_onnx:
+            continue
+        p = Path(v.base_onnx).resolve()
+        if p in have or not (p / "embdeploy.json").is_file():
+            continue
+        own = load_artifact(p)
+        if own.mode == "base" and own.precision != base.precision and (own.V, own.H) == (base.V, base.H):
+            extra.append(own)
+            have.add(p)
+    return extra
+
+
 def variant_labels(base: ExportManifest, variants: list[ExportManifest]) -> list[str]:
     """Short unique names: the mode, or mode:dirname when a mode repeats ('base' is the base itself)."""
     modes = [v.mode for v in variants]

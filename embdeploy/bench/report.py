@@ -70,9 +70,28 @@ def render_texts_table(result: BenchResult):
     return t
 
 
+def render_references_table(result: BenchResult):
+    """Variants against their own base (an int8 export against the int8 base), or None when there are none."""
+    from rich.table import Table
+
+    if not result.references:
+        return None
+    t = Table(title="against each export's own base, same rounds: what the extension costs there",
+              caption="ratio: median over rounds of (variant time / its own base's time in the same round)")
+    for col in ("provider", "shape", "variant", "ids", "own base", "ratio"):
+        t.add_column(col, justify="right" if col == "ratio" else "left", overflow="fold")
+    for r in result.references:
+        t.add_row(r.provider, r.shape, r.variant, r.mix, r.reference,
+                  f"{r.ratio:.3f} [{r.ratio_q25:.3f}–{r.ratio_q75:.3f}]")
+    return t
+
+
 def print_result(console, result: BenchResult) -> None:
     """The latency table, the texts table with --texts, then the memory tables when measured, on a rich `console`."""
     console.print(render_table(result))
+    refs = render_references_table(result)
+    if refs is not None:
+        console.print(refs)
     texts = render_texts_table(result)
     if texts is not None:
         console.print(texts)
@@ -140,6 +159,12 @@ def markdown(result: BenchResult) -> str:
         "order, so machine drift cancels; compare ratios, not milliseconds, across machines.",
         "",
     ]
+    if s.get("genai"):
+        g = s["genai"]
+        out += [f"Generation through onnxruntime-genai {g.get('onnxruntime_genai')}: `prefill:BxS` rows time "
+                "`append_tokens` of B prompts of S tokens (the prompt's forward pass); `decode:BxS+N` rows time each "
+                f"of the N - 1 decode steps that follow ({g.get('search')}), so p50 ms is one step and seq/s is "
+                "tokens/s.", ""]
     for provider in sorted({r.provider for r in result.latency}):
         out += [f"## Latency ({provider})", "",
                 "| shape | variant | ids | p50 ms | p90 ms | p99 ms | seq/s | ratio to base |",
@@ -148,6 +173,16 @@ def markdown(result: BenchResult) -> str:
             if r.provider == provider:
                 out.append(f"| {r.shape} | {r.variant} | {r.mix} | {r.p50_ms:.3f} | {r.p90_ms:.3f} | {r.p99_ms:.3f} | "
                            f"{r.throughput_seq_s:,.1f} | {_ratio_text(r)} |")
+        out.append("")
+    if result.references:
+        out += ["## Against each export's own base", "",
+                "An export whose own base differs in precision from the base above (an int8 export, rewritten from "
+                "the int8 base) is also compared with that base, timed in the same rounds: the ratio to the base "
+                "above is what the precision buys, this one what the extension costs.", "",
+                "| provider | shape | variant | ids | own base | ratio |", "|---|---|---|---|---|---:|"]
+        for r in result.references:
+            out.append(f"| {r.provider} | {r.shape} | {r.variant} | {r.mix} | {r.reference} | "
+                       f"{r.ratio:.3f} [{r.ratio_q25:.3f}–{r.ratio_q75:.3f}] |")
         out.append("")
     if result.texts:
         sizes = ", ".join(str(b) for b in s.get("text_batch_sizes", []))

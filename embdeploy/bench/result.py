@@ -45,6 +45,24 @@ class LatencyRow:
 
 
 @dataclass
+class ReferenceRow:
+    """A variant against another export timed in the same rounds: its own base, when that is not the base.
+
+    An int8 export against the int8 base it was rewritten from is what the extension costs; the
+    latency rows' ratio to the (fp32) base is what int8 buys.
+    """
+
+    provider: str
+    shape: str
+    variant: str
+    mix: str
+    reference: str  # the label of the reference export among the variants
+    ratio: float  # median over rounds of (this time / the reference's time in the same round)
+    ratio_q25: float
+    ratio_q75: float
+
+
+@dataclass
 class SessionCost:
     """One session created alone in a fresh process."""
 
@@ -117,6 +135,7 @@ class BenchResult:
     multi: list[MultiSessionRow] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     texts: list[TextRow] = field(default_factory=list)  # `bench --texts`: tokens and fidelity per variant
+    references: list[ReferenceRow] = field(default_factory=list)  # variants against their own base (see ReferenceRow)
     format_version: int = RESULT_FORMAT_VERSION
     kind: str = "embdeploy-bench"
 
@@ -142,6 +161,7 @@ class BenchResult:
             multi=[build(MultiSessionRow, r) for r in d.get("multi", [])],
             skipped=[build(Skipped, r) for r in d.get("skipped", [])],
             texts=[build(TextRow, r) for r in d.get("texts", [])],
+            references=[build(ReferenceRow, r) for r in d.get("references", [])],
             format_version=d.get("format_version", RESULT_FORMAT_VERSION),
         )
 

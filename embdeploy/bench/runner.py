@@ -6,15 +6,17 @@ import os
 import platform
 import random
 import time
+from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import EmbdeployError
+from ..export.manifest import ExportManifest
+from . import genai as bench_genai
 from . import memory, procmem
 from . import sessions as ortsess
-from ..export.manifest import ExportManifest
-from .artifacts import resolve_artifacts, variant_labels
+from .artifacts import own_bases, resolve_artifacts, variant_labels
 from .inputs import BASE_MIX, NEW_MIX, session_feed, token_ids
-from .result import BenchResult, LatencyRow, Skipped, VariantInfo, shape_name
+from .result import BenchResult, LatencyRow, ReferenceRow, Skipped, VariantInfo, shape_name
 from .timing import Entry, calibrate_inner, run_rounds, summarize
 
 DEFAULT_SHAPES = ((1, 16), (1, 128), (8, 128))
@@ -62,6 +64,7 @@ def run_bench(
     progress: Progress | None = None,
     texts=None,
     batch_sizes=None,
+    new_tokens: int = 64,
 ) -> BenchResult:
     """Benchmark each export in `onnx_dirs` against the base export.
 
@@ -74,6 +77,8 @@ def run_bench(
     extension tables in one process, against N merged sessions.
     texts: the user's texts (a file or a list): tokens per text, end-to-end latency per batch
     (tokenization included) for each of `batch_sizes`, and output fidelity; see bench/texts.py.
+    genai exports (`export --format genai`): per shape (B, S), prefill latency of an S-token prompt and decode
+    steps of `new_tokens` greedy tokens through onnxruntime-genai, against the genai base; see bench/genai.py.
     """
     say = progress or (lambda msg: None)
     shapes = parse_shapes(shapes) if isinstance(shapes, str) else tuple(tuple(s) for s in shapes)
@@ -105,10 +110,12 @@ def run_bench(
 
             texts = read_texts(texts)
     base, variants = resolve_artifacts(list(onnx_dirs), base_dir)
+    variants += own_bases(base, variants)
     labels = variant_labels(base, variants)
     if texts is not None and not variants:
         raise EmbdeployError("--texts compares extended exports with the base: pass at least one extended export")
     arts: list[tuple[str, ExportManifest]] = [("base", base)] + list(zip(labels, variants))
+    genai = bench_genai.is_genai_run(arts, texts is not None, sessions)
 
     result = BenchResult(
         settings={
@@ -122,6 +129,10 @@ def run_bench(
     )
 
     for provider in providers:
+        if genai:
+            bench_genai.bench_genai(result, arts, provider, shapes, new_tokens, threads, rounds, warmup, say,
+                                    NEW_FRACTION, SESSION_BLOCKS, MIN_SLOT_S)
+            continue
         if provider == "cuda":
             reason = ortsess.cuda_unavailable_reason()
             if reason:
@@ -129,11 +140,12 @@ def run_bench(
                 say(f"cuda skipped: {reason}")
                 continue
         try:
-            rows, inner = _time_provider(arts, provider, shapes, threads, rounds, warmup, say)
+            rows, inner, refs = _time_provider(arts, provider, shapes, threads, rounds, warmup, say)
         except _CudaFallback as e:
             result.skipped.append(Skipped("cuda", str(e)))
             continue
         result.latency.extend(rows)
+        result.references.extend(refs)
         result.settings["inner"].update({f"{provider}/{k}": v for k, v in inner.items()})
 
         if memory_cost:
@@ -206,13 +218,21 @@ def _time_provider(arts, provider, shapes, threads, rounds, warmup, say):
                        seed=block * 7919 + batch * 1009 + seq)
         del live, keep
     modes = {label: a.mode for label, a in arts}
-    rows = []
+    by_path = {a.path: label for label, a in arts}
+    own = {label: by_path.get(Path(a.base_onnx).resolve()) for label, a in arts if a.base_onnx}
+    rows, refs = [], []
     for shape in shapes:
         base_entry = entries[shape][("base", BASE_MIX)]
         for e in entries[shape].values():
             rows.append(LatencyRow(provider=provider, shape=shape_name(shape), variant=e.key[0], mode=modes[e.key[0]],
                                    mix=e.key[1], **summarize(e, base_entry)))
-    return rows, inner
+            ref = own.get(e.key[0])
+            if ref not in (None, "base"):
+                s = summarize(e, entries[shape][(ref, BASE_MIX)])
+                refs.append(ReferenceRow(provider=provider, shape=shape_name(shape), variant=e.key[0], mix=e.key[1],
+                                         reference=ref, ratio=s["ratio_to_base"], ratio_q25=s["ratio_q25"],
+                                         ratio_q75=s["ratio_q75"]))
+    return rows, inner, refs
 
 
 def _cpu_runner(sess, feed):

@@ -176,9 +176,17 @@ class ExportManifest:
 
     # ------------------------------------------------------------------ reading
     @classmethod
-    def read(cls, directory) -> "ExportManifest":
-        """The manifest of ONNX directory `directory`, its fields checked (no file is hashed)."""
+    def read(cls, directory, *, allow_partial: bool = False) -> "ExportManifest":
+        """The manifest of ONNX directory `directory`, its fields checked (no file is hashed).
+
+        `.NAME.partial-*` directories are refused: those are unfinished exports.
+        """
         d = Path(directory).expanduser()
+        if PARTIAL_MARK in d.name and d.name.startswith(".") and not allow_partial:
+            raise EmbdeployError(
+                f"{d} is an unfinished export (a {PARTIAL_MARK}* directory left by an interrupted run); "
+                "delete it and run `embdeploy export` again"
+            )
         if d.is_file():
             raise EmbdeployError(f"{d} is a file; pass the ONNX directory that holds model.onnx and {MANIFEST}")
         if not d.is_dir():
@@ -201,12 +209,7 @@ class ExportManifest:
         refuses `.NAME.partial-*` directories: those are unfinished exports.
         """
         d = Path(directory).expanduser()
-        if PARTIAL_MARK in d.name and d.name.startswith(".") and not allow_partial:
-            raise EmbdeployError(
-                f"{d} is an unfinished export (a {PARTIAL_MARK}* directory left by an interrupted run); "
-                "delete it and run `embdeploy export` again"
-            )
-        m = cls.read(d)
+        m = cls.read(d, allow_partial=allow_partial)
         problems = []
         root = d.resolve()
         for name, want in sorted(m.files.items()):
