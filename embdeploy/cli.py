@@ -559,6 +559,7 @@ def bench(
     save_baseline: Optional[Path] = typer.Option(None, help="Write this run's ratios as a baseline JSON."),
     texts: Optional[Path] = typer.Option(None, "--texts", help="Your texts (one per line, or JSON lines): tokens per text, end-to-end latency with tokenization, and fidelity to the base, per --batch-sizes."),
     batch_sizes: str = typer.Option("1,8,32", help="Batch sizes for --texts [default: 1,8,32]."),
+    new_tokens: int = typer.Option(64, help="genai exports: greedy tokens per timed generation, EOS ignored (each shape BxS is then B prompts of S tokens)."),
 ):
     """Time base vs extended exports interleaved in one run (p50/p90/p99, throughput, ratio to base), session memory; optional regression gate."""
     from .bench import check_baseline, print_result, run_bench, write_markdown, write_plot
@@ -568,7 +569,7 @@ def bench(
     result = run_bench(onnx_dirs, base_dir=base, shapes=parse_shapes(shapes), providers=providers, threads=threads,
                        rounds=rounds, warmup=warmup, sessions=sessions, memory_cost=not no_memory,
                        progress=lambda m: console.print(f"[dim]{_escape(m)}[/]"), texts=texts,
-                       batch_sizes=batch_sizes if texts is not None else None)
+                       batch_sizes=batch_sizes if texts is not None else None, new_tokens=new_tokens)
     if json_out:
         out.print_json(result.to_json())
     else:
