@@ -269,7 +269,9 @@ def export_genai(ext, mode: str, out, dtype: str = "fp32", overwrite: bool = Fal
         head_table = ext.base_head_table().detach().cpu().numpy()
         head_ext = ext.head_table().cpu().numpy()
     rewrite = {"merged": rw.rewrite_merged, "swap": rw.rewrite_swap}[mode]
-    new, _ = rewrite(proto, ext.base_table().detach().cpu().numpy(), ext.embed_table().cpu().numpy(), head_table, head_ext)
+    # in place: the loaded base is dropped right after, so no unchanged weight is copied
+    new, _ = rewrite(proto, ext.base_table().detach().cpu().numpy(), ext.embed_table().cpu().numpy(), head_table, head_ext,
+                     in_place=True)
     del proto
     timings["rewrite"] = time.perf_counter() - t
 
