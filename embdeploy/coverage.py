@@ -23,6 +23,11 @@ traceback instead of a message.
 markdown is `render_markdown(records)` of that JSON, so the table can be
 checked against it and is never edited by hand. Families not run this time
 keep their recorded rows.
+
+The int8 column comes from `perf/int8_coverage.py` (swap, `--quantize int8`,
+validated against PyTorch fp32 with the int8 tolerance row), which hands its
+rows to `write_int8`: they are kept in the JSON under "int8" and rendered from
+there, like the rest.
 """
 
 from __future__ import annotations
@@ -410,6 +415,7 @@ def render_markdown(data: dict) -> str:
     for r in records:
         by_family.setdefault(r["family"], {})[r["mode"]] = r
     env = data.get("environment", {})
+    int8 = {r["family"]: r for r in data.get("int8", [])}
     ok = sum(1 for r in records if r["passed"])
     lines = [
         HEADER,
@@ -425,8 +431,9 @@ def render_markdown(data: dict) -> str:
         "",
         f"{ok} of {len(records)} family × mode combinations pass.",
         "",
-        "| family | model class | head | V×H | " + " | ".join(EXPORT_MODES) + " | notes |",
-        "|---|---|---|---|" + "---|" * len(EXPORT_MODES) + "---|",
+        "| family | model class | head | V×H | " + " | ".join(EXPORT_MODES) + (" | int8 swap" if int8 else "")
+        + " | notes |",
+        "|---|---|---|---|" + "---|" * (len(EXPORT_MODES) + bool(int8)) + "---|",
     ]
     for fam, modes in by_family.items():
         first = next(iter(modes.values()))
@@ -439,11 +446,20 @@ def render_markdown(data: dict) -> str:
                 cells.append(f"pass ({r['max_abs_diff']:.1e})")
             else:
                 cells.append(f"**FAIL** ({r['stage']})")
+        if int8:
+            cells.append(_int8_cell(int8.get(fam)))
         shape = f"{first['V']}×{first['H']}" if first.get("V") is not None else "–"
         note = FAMILIES[fam].note if fam in FAMILIES else ""
         lines.append(f"| {_cell(first['label'])} | `{first['model_class']}` | {first.get('head') or '–'} | {shape} | "
                      + " | ".join(cells) + f" | {_cell(note)} |")
     lines += ["", "Cells: validation result and max |ORT − PyTorch| over all probes; for a failure, the stage that failed."]
+    if int8:
+        passed = sum(1 for r in int8.values() if r.get("passed"))
+        lines += ["", f"int8 swap ({passed} of {len(int8)} families pass): `--quantize int8` (ONNX Runtime's "
+                  "quantization of the MatMul weights), "
+                  "validated against PyTorch fp32 with the (int8, cpu) tolerance row; the cell gives the worst row "
+                  "cosine over every probe and output (the swapped-table run included). Written by "
+                  "`python perf/int8_coverage.py` (per-output figures in perf/results/int8-coverage.json)."]
     failures = [r for r in records if not r["passed"]]
     if failures:
         lines += ["", "## Failures", "",
@@ -458,18 +474,42 @@ def render_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _int8_cell(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    if "error" in row:  # stopped before validation (the same stage as float32, see Failures)
+        return "**FAIL** (export)"
+    return f"{'pass' if row['passed'] else '**FAIL**'} ({row['worst_cosine']:.6f})"
+
+
+def write_int8(rows: list[dict], path) -> Path:
+    """Put perf/int8_coverage.py's rows (family, passed, worst_cosine, outputs, …) into `path`'s JSON under
+    "int8" and re-render `path` from it; the float records are left as they are."""
+    md = Path(path)
+    js = md.with_suffix(".json")
+    data = json.loads(js.read_text())
+    data["int8"] = [{k: r[k] for k in ("family", "passed", "worst_cosine", "error") if k in r} for r in rows]
+    js.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    md.write_text(render_markdown(data))
+    return md
+
+
 def write(records: list[Record], path) -> tuple[Path, Path]:
     """Write `path` (markdown) and its .json beside it; families not in `records` keep their recorded rows."""
     md = Path(path)
     js = md.with_suffix(".json")
     new = [asdict(r) for r in records]
     ran = {r["family"] for r in new}
-    old = []
+    old, int8 = [], None
     if js.is_file():
-        old = [r for r in json.loads(js.read_text()).get("records", []) if r["family"] not in ran]
+        previous = json.loads(js.read_text())
+        old = [r for r in previous.get("records", []) if r["family"] not in ran]
+        int8 = previous.get("int8")  # perf/int8_coverage.py's column: kept until that program runs again
     order = {name: i for i, name in enumerate(FAMILIES)}
     rows = sorted(old + new, key=lambda r: (order.get(r["family"], len(order)), EXPORT_MODES.index(r["mode"])))
     data = {"environment": environment(), "records": rows}
+    if int8 is not None:
+        data["int8"] = int8
     md.parent.mkdir(parents=True, exist_ok=True)
     js.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     md.write_text(render_markdown(data))

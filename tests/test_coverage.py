@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from embdeploy import coverage
-from embdeploy.coverage import CORE, FAMILIES, HEADER, MODES, Record, render_markdown, run_family
+from embdeploy.coverage import CORE, FAMILIES, HEADER, Record, render_markdown, run_family
+from embdeploy.export.manifest import EXPORT_MODES as MODES
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 REQUIRED = ("bert", "roberta", "distilbert", "xlm-roberta", "gpt2", "llama", "mistral", "gemma")
@@ -44,6 +45,35 @@ def test_coverage_md_is_generated_from_coverage_json():
         "docs/coverage.md differs from what the generator writes for docs/coverage.json; "
         "regenerate it with `python -m embdeploy.coverage --write docs/coverage.md`, do not edit it"
     )
+
+
+def test_int8_column_is_generated_from_the_int8_coverage_results():
+    """docs/coverage.json's "int8" rows are perf/int8_coverage.py's results (pass/fail, worst cosine), and every
+    family the float table lists as passing in swap mode has its int8 cell."""
+    results = json.loads((DOCS.parent / "perf" / "results" / "int8-coverage.json").read_text())
+    data = json.loads((DOCS / "coverage.json").read_text())
+    assert data["int8"] == [{k: r[k] for k in ("family", "passed", "worst_cosine", "error") if k in r} for r in results]
+    swap_passing = {r["family"] for r in data["records"] if r["mode"] == "swap" and r["passed"]}
+    assert swap_passing <= {r["family"] for r in data["int8"]}
+    md = (DOCS / "coverage.md").read_text()
+    assert "| int8 swap |" in md
+    for r in data["int8"]:
+        if r["passed"]:
+            label = FAMILIES[r["family"]].label
+            row = next(line for line in md.splitlines() if line.startswith(f"| {label} | "))
+            assert f"pass ({r['worst_cosine']:.6f})" in row
+
+
+def test_write_keeps_the_int8_column(tmp_path):
+    rec = [Record(family="gpt2", label="GPT-2", model_class="X", mode=m, passed=True, max_abs_diff=1e-7, head="tied",
+                  V=10, K=4, H=32) for m in MODES]
+    md = tmp_path / "cov.md"
+    coverage.write(rec, md)
+    assert "int8" not in md.read_text()
+    coverage.write_int8([{"family": "gpt2", "passed": False, "worst_cosine": 0.5, "outputs": {}}], md)
+    assert "| **FAIL** (0.500000) |" in md.read_text()
+    coverage.write(rec, md)  # a float run again keeps the int8 column
+    assert "| **FAIL** (0.500000) |" in md.read_text() and "int8 swap (0 of 1 families pass)" in md.read_text()
 
 
 def test_recorded_families_are_current():

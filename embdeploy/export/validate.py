@@ -78,10 +78,14 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("float32", "cuda"): Tolerance(atol=1e-3, rtol=1e-3, mean_atol=1e-4, min_cosine=0.9999),
     ("float16", "cpu"): Tolerance(atol=3e-2, rtol=1e-2, mean_atol=3e-3, min_cosine=0.999),
     ("float16", "cuda"): Tolerance(atol=5e-2, rtol=2e-2, mean_atol=5e-3, min_cosine=0.998),
-    # int8 (dynamic, per-channel MatMul weights) is judged by direction, not distance: the worst cosine,
-    # per row (each position of a per-token output, each text of a pooled one), to PyTorch fp32.
-    # Measured (perf/README.md, int8): MiniLM K=1000 worst row 0.962; tiny BERT/GPT-2/Llama 0.9999+.
-    ("int8", "cpu"): Tolerance(atol=float("inf"), rtol=0.0, mean_atol=float("inf"), min_cosine=0.95),
+    # int8 (per-channel MatMul weights) is judged by what users read, not by distance: the worst and the
+    # mean row cosine (each real position of a per-token output, each text of a pooled one) to PyTorch
+    # fp32, and for logits top-1 agreement and top-5 overlap. Measured (perf/README.md, int8 validation):
+    # MiniLM K=1000 worst row 0.959, mean 0.992 (token states) / 0.994 (sentences); the 37 coverage
+    # families worst 0.9990+, mean 0.9997+, top-1 0.917+ and top-5 0.974+ (random tiny LMs have
+    # near-flat logits, where ties flip easily; real ones are more peaked).
+    ("int8", "cpu"): Tolerance(atol=float("inf"), rtol=0.0, mean_atol=float("inf"), min_cosine=0.95,
+                               min_mean_cosine=0.98, min_top1=0.85, min_top5=0.9),
 }
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 _ALIASES = {"token_embeddings": "last_hidden_state"}  # optimum's sentence-transformers export
