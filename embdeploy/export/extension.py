@@ -73,7 +73,7 @@ def export_extension(
     failure raises ValidationFailed with `out` not created. `base_model` (a path or alias) is where the
     base is found when the extension moved away from the one it records (checked by fingerprint).
     """
-    from ..extend.model import Extension, load_extension
+    from ..extend.model import Extension
     from ..onnx import rewrite as rw
     from ..onnx.io import load_model, save_model
     from . import base as base_export
@@ -113,13 +113,7 @@ def export_extension(
     inputs = (None if isinstance(ext, Extension) else ext, base_onnx, cache_dir)
     check_output_dir(out, overwrite, "export", inputs)  # fail before minutes of export, not after
 
-    extension_dir = None
-    if not isinstance(ext, Extension):
-        extension_dir = Path(ext).resolve()
-        say(f"loading the extension {extension_dir}")
-        ext = load_extension(extension_dir, base_model=base_model)
-    if ext.K == 0:
-        raise EmbdeployError("the extension has no tokens (K=0); nothing to export")
+    ext, extension_dir = loaded_extension(ext, base_model, say)
 
     timings = {}
     t = time.perf_counter()
@@ -197,6 +191,20 @@ def export_extension(
             manifest.write(tmp)
     timings["total"] = time.perf_counter() - t_start
     return ExportResult(out, mode, dtype_name(dtype), base_path, base_cached, manifest, report, timings)
+
+
+def loaded_extension(ext, base_model, say) -> tuple:
+    """(the Extension, its directory or None): `ext` as given, or loaded from its directory; K=0 refused."""
+    from ..extend.model import Extension, load_extension
+
+    extension_dir = None
+    if not isinstance(ext, Extension):
+        extension_dir = Path(ext).resolve()
+        say(f"loading the extension {extension_dir}")
+        ext = load_extension(extension_dir, base_model=base_model)
+    if ext.K == 0:
+        raise EmbdeployError("the extension has no tokens (K=0); nothing to export")
+    return ext, extension_dir
 
 
 def _user_base(path: Path, ext) -> tuple[Path, ExportManifest | None]:

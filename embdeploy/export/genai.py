@@ -226,10 +226,10 @@ def export_genai(ext, mode: str, out, dtype: str = "fp32", overwrite: bool = Fal
     With `validate` (the default) the gate of `validate_genai` runs and a failure raises
     ValidationFailed with `out` not created. Returns an ExportResult.
     """
-    from ..extend.model import Extension, load_extension
+    from ..extend.model import Extension
     from ..onnx import rewrite as rw
     from ..onnx.io import load_model, save_model
-    from .extension import ExportResult
+    from .extension import ExportResult, loaded_extension
 
     say = progress or (lambda msg: None)
     t_start = time.perf_counter()
@@ -245,13 +245,7 @@ def export_genai(ext, mode: str, out, dtype: str = "fp32", overwrite: bool = Fal
     out = Path(out)
     inputs = (None if isinstance(ext, Extension) else ext, cache_dir)
     check_output_dir(out, overwrite, "export", inputs)
-    extension_dir = None
-    if not isinstance(ext, Extension):
-        extension_dir = Path(ext).resolve()
-        say(f"loading the extension {extension_dir}")
-        ext = load_extension(extension_dir, base_model=base_model)
-    if ext.K == 0:
-        raise EmbdeployError("the extension has no tokens (K=0); nothing to export")
+    ext, extension_dir = loaded_extension(ext, base_model, say)
     if ext.head_mode == "none":
         raise EmbdeployError("--format genai is for causal LMs (a model with an LM head); this base has none, "
                              "export it with --format onnx")
