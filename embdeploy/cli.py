@@ -401,6 +401,7 @@ def export(
     calibration_texts: Optional[Path] = typer.Option(None, help="With --quantize int8: texts (one per line or JSON lines; the first 64 are used) on which the activation outliers are measured [default: a sample of embdeploy's shipped training text]."),
     provider: Optional[str] = typer.Option(None, help="Provider used for validation: cpu [default] or cuda."),
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the validation gate (the manifest then records validation: null)."),
+    validate_texts: Optional[Path] = typer.Option(None, help="Your texts (one per line, or JSON lines) as extra validation probes, as `embdeploy validate --texts`."),
     cache_dir: Optional[Path] = typer.Option(None, help="Base export cache, shared with `embdeploy quickstart` [default: $EMBDEPLOY_CACHE or ~/.cache/embdeploy]."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every validation probe, not one row per output."),
@@ -413,6 +414,11 @@ def export(
     from .export import export_extension
 
     if format_ is Format.genai:
+        if validate_texts is not None:
+            from .errors import EmbdeployError
+
+            raise EmbdeployError("--validate-texts is for ONNX exports; a genai export is checked by generation, "
+                                 "drop --validate-texts")
         export_genai_cmd(ext_dir, out_dir, mode, recipe, base_onnx, backend, dtype, quantize, provider, no_validate,
                          cache_dir, overwrite, verbose, base_model)
         return
@@ -423,7 +429,7 @@ def export(
         args.update(load_recipe(recipe))
     given = {"mode": mode and mode.value, "dtype": dtype and dtype.value, "backend": backend and backend.value,
              "provider": provider, "base_onnx": base_onnx, "out": out_dir, "quantize": quantize and quantize.value,
-             "calibration_texts": calibration_texts}
+             "calibration_texts": calibration_texts, "validate_texts": validate_texts}
     args.update({k: v for k, v in given.items() if v is not None})
     if no_validate:
         args["validate"] = False

@@ -112,3 +112,18 @@ def test_text_probes_batch_by_length_and_keep_every_text():
     assert sorted(lengths) == lengths and len(lengths) == 20  # shortest first, none dropped
     assert all(p.input_ids.shape[1] <= 8 for p in probes)
     assert all(np.all(p.input_ids[p.attention_mask == 0] == 0) for p in probes)
+
+
+def test_export_validate_texts(make_extension, export_cache, tmp_path):
+    """export(..., validate_texts=FILE) runs the same probes in its gate; a missing file is refused before the export."""
+    ext = make_extension("bert")
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(TEXTS) + "\n")
+    res = export_extension(ext, "swap", tmp_path / "swap", cache_dir=export_cache, validate_texts=path)
+    assert res.report.texts["count"] == len(TEXTS) and res.report.texts["new_token_positions"] > 0
+    assert any(c.probe.startswith(USER) for c in res.report.checks)
+    with pytest.raises(EmbdeployError, match="gone.txt does not exist"):
+        export_extension(ext, "merged", tmp_path / "m", cache_dir=export_cache, validate_texts=tmp_path / "gone.txt")
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(EmbdeployError, match="drop --no-validate"):
+        export_extension(ext, "merged", tmp_path / "m", cache_dir=export_cache, validate_texts=path, validate=False)

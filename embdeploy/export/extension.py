@@ -64,13 +64,15 @@ def export_extension(
     quantize: str | None = None,
     calibration_texts=None,
     base_model=None,
+    validate_texts=None,
 ) -> ExportResult:
     """Export `ext` (an Extension or an extension directory) to ONNX directory `out` in `mode`.
 
     The base comes from `base_onnx` (an ONNX file or directory, e.g. from
     `optimum-cli export onnx`) or else from `export_base` (cached). With
     `validate` (the default) ORT is checked against PyTorch on `provider` and a
-    failure raises ValidationFailed with `out` not created. `base_model` (a path or alias) is where the
+    failure raises ValidationFailed with `out` not created; `validate_texts` (a text file or a list of
+    str) adds the user's texts to the probes. `base_model` (a path or alias) is where the
     base is found when the extension moved away from the one it records (checked by fingerprint).
     """
     from ..extend.model import Extension
@@ -79,7 +81,7 @@ def export_extension(
     from . import base as base_export
     from .graph import cache_outputs, input_roles, to_float16
     from .validate import PROVIDERS
-    from .validate import validate_manifest
+    from .validate import read_probe_texts, validate_manifest
 
     say = progress or (lambda msg: None)
     t_start = time.perf_counter()
@@ -107,8 +109,11 @@ def export_extension(
             problems.append("--calibration-texts applies to --quantize int8 only; add --quantize int8 or drop it")
         elif not Path(calibration_texts).is_file():
             problems.append(f"calibration texts {calibration_texts} is not a file; pass a text file (one text per line)")
+    if validate_texts is not None and not validate:
+        problems.append("--validate-texts adds probes to the validation; drop it or drop --no-validate")
     if problems:
         raise EmbdeployError("; ".join(problems))
+    validate_texts = read_probe_texts(validate_texts)  # a missing or empty file is refused before the export runs
     out = Path(out)
     inputs = (None if isinstance(ext, Extension) else ext, base_onnx, cache_dir)
     check_output_dir(out, overwrite, "export", inputs)  # fail before minutes of export, not after
@@ -185,7 +190,8 @@ def export_extension(
         if validate:
             say(f"validating against PyTorch on {provider}")
             t = time.perf_counter()
-            report = validate_manifest(dataclasses.replace(manifest, directory=Path(tmp)), ext, provider, shown_as=out)
+            report = validate_manifest(dataclasses.replace(manifest, directory=Path(tmp)), ext, provider, shown_as=out,
+                                       texts=validate_texts)
             timings["validate"] = time.perf_counter() - t
             manifest = dataclasses.replace(manifest, validation=report.to_json())
             manifest.write(tmp)
