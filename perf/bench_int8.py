@@ -33,10 +33,10 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 
-def build():
+def build_extension():
+    """(the MiniLM extension with K = 1,000, the 650 held-out texts)."""
     from bench_train_k import HEADS, HELD_T, TAILS
 
-    from embdeploy.export import export_extension
     from embdeploy.extend.config import ExtensionConfig, read_token_file
     from embdeploy.extend.model import Extension
     from embdeploy.models import load_base
@@ -48,6 +48,15 @@ def build():
     compounds = sorted({h + t for h in HEADS for t in TAILS if h != t})
     compounds = [w for w in compounds if len(tok(w, add_special_tokens=False)["input_ids"]) >= 2][: 1000 - len(terms)]
     ext.add(ExtensionConfig(tokens=terms + compounds))
+    held = [ln for ln in data_file("heldout.txt").read_text().splitlines() if ln.strip()]
+    held += [HELD_T[i % len(HELD_T)].format(w=w) for i, w in enumerate(compounds[:500])]
+    return ext, held
+
+
+def build():
+    from embdeploy.export import export_extension
+
+    ext, held = build_extension()
     out, timings = {}, {}
     for q in (None, "int8"):
         for mode in ("merged", "swap"):
@@ -56,8 +65,6 @@ def build():
             r = export_extension(ext, mode, WORK / name, cache_dir=WORK / "cache", overwrite=True, quantize=q)
             timings[name] = time.perf_counter() - t
             out[name] = r
-    held = [ln for ln in data_file("heldout.txt").read_text().splitlines() if ln.strip()]
-    held += [HELD_T[i % len(HELD_T)].format(w=w) for i, w in enumerate(compounds[:500])]
     return ext, out, timings, held
 
 
