@@ -41,24 +41,13 @@ def figures(checks) -> dict:
 
 def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from bench_train_k import HEADS, HELD_T, TAILS  # the extension and texts of perf/bench_int8.py
+    from bench_int8 import build_extension  # the extension and texts of perf/bench_int8.py
 
     from embdeploy.errors import ValidationFailed
     from embdeploy.export import export_extension
     from embdeploy.export import validate as v
-    from embdeploy.extend.config import ExtensionConfig, read_token_file
-    from embdeploy.extend.model import Extension
-    from embdeploy.models import load_base
-    from embdeploy.quickstart import data_file
 
-    model, tok, info = load_base("minilm")
-    ext = Extension(model, tok, info)
-    terms = read_token_file(data_file("terms.txt"))
-    compounds = sorted({h + t for h in HEADS for t in TAILS if h != t})
-    compounds = [w for w in compounds if len(tok(w, add_special_tokens=False)["input_ids"]) >= 2][: 1000 - len(terms)]
-    ext.add(ExtensionConfig(tokens=terms + compounds))
-    held = [ln for ln in data_file("heldout.txt").read_text().splitlines() if ln.strip()]
-    held += [HELD_T[i % len(HELD_T)].format(w=w) for i, w in enumerate(compounds[:500])]
+    ext, held = build_extension()
 
     tol = v.TOLERANCES[("int8", "cpu")]
     off = dataclasses.replace(tol, min_cosine=-2.0, min_mean_cosine=-2.0, min_top1=0.0, min_top5=0.0)
