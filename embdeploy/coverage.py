@@ -27,7 +27,10 @@ keep their recorded rows.
 The int8 column comes from `perf/int8_coverage.py` (swap, `--quantize int8`,
 validated against PyTorch fp32 with the int8 tolerance row), which hands its
 rows to `write_int8`: they are kept in the JSON under "int8" and rendered from
-there, like the rest.
+there, like the rest. The genai column comes the same way from
+`perf/genai_coverage.py` (`export --format genai`, merged and swap, the genai
+gate) through `write_genai`, under "genai"; causal LMs the model builder does
+not build are listed with its message.
 """
 
 from __future__ import annotations
@@ -416,6 +419,7 @@ def render_markdown(data: dict) -> str:
         by_family.setdefault(r["family"], {})[r["mode"]] = r
     env = data.get("environment", {})
     int8 = {r["family"]: r for r in data.get("int8", [])}
+    genai = {r["family"]: r for r in data.get("genai", [])}
     ok = sum(1 for r in records if r["passed"])
     lines = [
         HEADER,
@@ -432,8 +436,8 @@ def render_markdown(data: dict) -> str:
         f"{ok} of {len(records)} family × mode combinations pass.",
         "",
         "| family | model class | head | V×H | " + " | ".join(EXPORT_MODES) + (" | int8 swap" if int8 else "")
-        + " | notes |",
-        "|---|---|---|---|" + "---|" * (len(EXPORT_MODES) + bool(int8)) + "---|",
+        + (" | genai merged / swap" if genai else "") + " | notes |",
+        "|---|---|---|---|" + "---|" * (len(EXPORT_MODES) + bool(int8) + bool(genai)) + "---|",
     ]
     for fam, modes in by_family.items():
         first = next(iter(modes.values()))
@@ -448,6 +452,8 @@ def render_markdown(data: dict) -> str:
                 cells.append(f"**FAIL** ({r['stage']})")
         if int8:
             cells.append(_int8_cell(int8.get(fam)))
+        if genai:
+            cells.append(_genai_cell(genai.get(fam)))
         shape = f"{first['V']}×{first['H']}" if first.get("V") is not None else "–"
         note = FAMILIES[fam].note if fam in FAMILIES else ""
         lines.append(f"| {_cell(first['label'])} | `{first['model_class']}` | {first.get('head') or '–'} | {shape} | "
@@ -460,6 +466,8 @@ def render_markdown(data: dict) -> str:
                   "validated against PyTorch fp32 with the (int8, cpu) tolerance row; the cell gives the worst row "
                   "cosine over every probe and output (the swapped-table run included). Written by "
                   "`python perf/int8_coverage.py` (per-output figures in perf/results/int8-coverage.json)."]
+    if genai:
+        lines += _genai_notes(genai)
     failures = [r for r in records if not r["passed"]]
     if failures:
         lines += ["", "## Failures", "",
@@ -494,22 +502,80 @@ def write_int8(rows: list[dict], path) -> Path:
     return md
 
 
+def _genai_cell(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    if not row.get("built"):
+        return f"not built ({row.get('stage')})"
+    cells = []
+    for mode in ("merged", "swap"):
+        c = row.get(mode) or {}
+        cells.append("pass" if c.get("passed") else f"**FAIL** ({c.get('stage', 'validate')})")
+    worst = [row[m]["max_abs_diff"] for m in ("merged", "swap") if (row.get(m) or {}).get("max_abs_diff") is not None]
+    return " / ".join(cells) + (f" ({max(worst):.1e})" if worst else "")
+
+
+def _genai_notes(genai: dict) -> list[str]:
+    built = [r for r in genai.values() if r.get("built")]
+    passed = sum(1 for r in built if all((r.get(m) or {}).get("passed") for m in ("merged", "swap")))
+    lines = ["", f"genai merged / swap ({passed} of {len(built)} families the builder builds pass both; "
+             f"{len(genai)} causal LMs tried): `embdeploy export --format genai` on onnxruntime-genai's model builder "
+             "output, each mode through the genai gate (prefill and decode-step logits against PyTorch, greedy "
+             "generation through onnxruntime-genai equal to transformers' `generate`, a swapped table with an "
+             "arranged row, so a new id is emitted); the cell gives the worst max |ORT − PyTorch| on the logits. "
+             "Written by `python perf/genai_coverage.py` (per-mode figures in perf/results/genai-coverage.json)."]
+    failed = [(r, m) for r in built for m in ("merged", "swap") if not (r.get(m) or {}).get("passed")]
+    if failed:
+        lines += ["", "### genai failures", "",
+                  "base generates: whether onnxruntime-genai generates from the model builder's own output, before "
+                  "embdeploy's rewrite.", "", "| family | mode | stage | base generates | message |",
+                  "|---|---|---|---|---|"]
+        for r, m in failed:
+            base = r.get("base_generates")
+            lines.append(f"| {_cell(r.get('label', r['family']))} | {m} | {(r.get(m) or {}).get('stage')} | "
+                         f"{'yes' if base is True else _cell(f'no: {base}')} | {_cell((r.get(m) or {}).get('reason'))} |")
+    refused = [r for r in genai.values() if not r.get("built")]
+    if refused:
+        lines += ["", "### Causal LMs onnxruntime-genai's model builder does not build", "",
+                  "| family | stage | message |", "|---|---|---|"]
+        lines += [f"| {_cell(r.get('label', r['family']))} | {r.get('stage')} | {_cell(r.get('reason'))} |"
+                  for r in refused]
+    return lines
+
+
+def write_genai(rows: list[dict], path) -> Path:
+    """Put perf/genai_coverage.py's rows into `path`'s JSON under "genai" and re-render `path` from it;
+    the other records are left as they are."""
+    md = Path(path)
+    js = md.with_suffix(".json")
+    data = json.loads(js.read_text())
+    keep = ("family", "label", "built", "base_generates", "stage", "reason", "error", "merged", "swap")
+    data["genai"] = [{k: ({f: v for f, v in r[k].items() if f != "notes"} if k in ("merged", "swap") else r[k])
+                      for k in keep if k in r} for r in rows]
+    js.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    md.write_text(render_markdown(data))
+    return md
+
+
 def write(records: list[Record], path) -> tuple[Path, Path]:
     """Write `path` (markdown) and its .json beside it; families not in `records` keep their recorded rows."""
     md = Path(path)
     js = md.with_suffix(".json")
     new = [asdict(r) for r in records]
     ran = {r["family"] for r in new}
-    old, int8 = [], None
+    old, int8, genai = [], None, None
     if js.is_file():
         previous = json.loads(js.read_text())
         old = [r for r in previous.get("records", []) if r["family"] not in ran]
         int8 = previous.get("int8")  # perf/int8_coverage.py's column: kept until that program runs again
+        genai = previous.get("genai")  # perf/genai_coverage.py's, likewise
     order = {name: i for i, name in enumerate(FAMILIES)}
     rows = sorted(old + new, key=lambda r: (order.get(r["family"], len(order)), EXPORT_MODES.index(r["mode"])))
     data = {"environment": environment(), "records": rows}
     if int8 is not None:
         data["int8"] = int8
+    if genai is not None:
+        data["genai"] = genai
     md.parent.mkdir(parents=True, exist_ok=True)
     js.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     md.write_text(render_markdown(data))

@@ -76,6 +76,63 @@ def test_write_keeps_the_int8_column(tmp_path):
     assert "| **FAIL** (0.500000) |" in md.read_text() and "int8 swap (0 of 1 families pass)" in md.read_text()
 
 
+def test_genai_column_is_generated_from_the_genai_coverage_results():
+    """docs/coverage.json's "genai" rows are perf/genai_coverage.py's results; every causal-LM family has a row;
+    a family not built carries the builder's message, and a built family that fails does so because the
+    builder's own output does not run in onnxruntime-genai (never because of the rewrite)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    results = json.loads((DOCS.parent / "perf" / "results" / "genai-coverage.json").read_text())["rows"]
+    data = json.loads((DOCS / "coverage.json").read_text())
+    keep = ("family", "label", "built", "base_generates", "stage", "reason", "error", "merged", "swap")
+    assert data["genai"] == [{k: ({f: v for f, v in r[k].items() if f != "notes"} if k in ("merged", "swap") else r[k])
+                              for k in keep if k in r} for r in results]
+    causal = {n for n, f in FAMILIES.items() if f.model_class in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())}
+    assert {r["family"] for r in data["genai"]} == causal
+    md = (DOCS / "coverage.md").read_text()
+    for r in data["genai"]:
+        row = next(line for line in md.splitlines() if line.startswith(f"| {FAMILIES[r['family']].label} | "))
+        if not r["built"]:
+            assert "model builder could not build" in r["reason"] and "not built (builder)" in row
+            assert "/tmp" not in r["reason"]
+        elif all(r[m]["passed"] for m in ("merged", "swap")):
+            assert "| pass / pass (" in row
+            assert r["swap"]["new_ids_generated"] >= 1  # the arranged row: a new id was emitted and matched
+        else:
+            assert r["base_generates"] is not True, f"{r['family']}: the builder's base runs, the export fails"
+
+
+def test_write_keeps_the_genai_column(tmp_path):
+    rec = [Record(family="llama", label="Llama", model_class="X", mode=m, passed=True, max_abs_diff=1e-7, head="tied",
+                  V=10, K=4, H=32) for m in MODES]
+    md = tmp_path / "cov.md"
+    coverage.write(rec, md)
+    ok = {"passed": True, "max_abs_diff": 2e-7}
+    coverage.write_genai([{"family": "llama", "label": "Llama", "built": True, "base_generates": True,
+                           "merged": {**ok, "notes": ["dropped"]}, "swap": ok},
+                          {"family": "gpt2", "label": "GPT-2", "built": False, "stage": "builder",
+                           "reason": "NotImplementedError: The GPT2LMHeadModel model is not currently supported."}], md)
+    text = md.read_text()
+    assert "| pass / pass (2.0e-07) |" in text and "genai merged / swap (1 of 1 families" in text
+    assert "| GPT-2 | builder | NotImplementedError: The GPT2LMHeadModel model is not currently supported. |" in text
+    assert "dropped" not in (tmp_path / "cov.json").read_text()
+    coverage.write(rec, md)  # a float run again keeps the genai column
+    assert "| pass / pass (2.0e-07) |" in md.read_text()
+
+
+def test_the_builders_reason_names_the_model_not_a_temporary_directory(tmp_path):
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (the genai extra)")
+    from embdeploy.errors import EmbdeployError
+    from embdeploy.export.genai import genai_base
+    from embdeploy.extend.model import extend_model
+
+    model, tok = coverage.build(FAMILIES["gpt2"])
+    ext = extend_model(model, tok, list(coverage.NEW_TOKENS), init="subword-mean")
+    with pytest.raises(EmbdeployError, match=r"The GPT2LMHeadModel model is not currently supported") as e:
+        genai_base(ext, cache_dir=tmp_path)
+    assert "embdeploy-genai-" not in str(e.value) and "--format onnx" in str(e.value)
+
+
 def test_recorded_families_are_current():
     data = json.loads((DOCS / "coverage.json").read_text())
     recorded = {}

@@ -173,12 +173,12 @@ def genai_base(ext, dtype: str = "fp32", cache_dir=None, progress=None):
             hf, built = Path(tmp) / "hf", Path(tmp) / "built"
             plain.save_pretrained(str(hf))
             save_tokenizer(ext.base_tokenizer, hf)
-            _run_builder(hf, built, Path(tmp) / "cache", precision, provider)
+            _run_builder(hf, built, Path(tmp) / "cache", precision, provider, type(plain).__name__)
             _write_base(entry, built, ext, source)
     return base_export.BaseExport(entry, False)
 
 
-def _run_builder(hf: Path, out: Path, cache: Path, precision: str, provider: str) -> None:
+def _run_builder(hf: Path, out: Path, cache: Path, precision: str, provider: str, model_class: str) -> None:
     options = " ".join(f"{k}={v}" for k, v in _BUILDER_OPTIONS.items())
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", precision,
            "-e", provider, "-c", str(cache), "--extra_options", options]
@@ -187,6 +187,7 @@ def _run_builder(hf: Path, out: Path, cache: Path, precision: str, provider: str
     if p.returncode != 0 or not (out / "model.onnx").is_file():
         lines = [ln for ln in (p.stderr + p.stdout).splitlines() if ln.strip() and "it/s" not in ln]
         reason = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "no output")
+        reason = reason.replace(str(hf), model_class)  # the builder names the model by its (temporary) input dir
         raise EmbdeployError(
             f"onnxruntime-genai's model builder could not build this base ({reason.strip()[:400]}). It supports "
             "Llama, Mistral, Qwen2/3, Phi-3, Gemma and a few more families; export other decoders with "
