@@ -623,7 +623,7 @@ def serve(
     access_log: bool = typer.Option(False, "--access-log/--no-access-log", help="One JSON line per request on stderr: time, client, method, path, status, model, ms."),
     admin_key: Optional[list[str]] = typer.Option(None, "--admin-key", help="Open PUT/DELETE /admin/tenants/NAME (add and remove tenants while serving) to `Authorization: Bearer KEY` (repeatable; also $EMBDEPLOY_ADMIN_KEYS) [default: admin routes off]."),
 ):
-    """Serve an export over HTTP: POST /v1/encode, POST /v1/embeddings, GET /v1/models, TEI's POST /embed, GET /healthz, GET /v1/metadata; requests share runs (dynamic batching); --tenant serves more vocabularies over a swap export (needs the `serve` extra: pip install "embdeploy[serve]")."""
+    """Serve an export over HTTP: POST /v1/encode, POST /v1/embeddings, GET /v1/models, TEI's POST /embed, GET /healthz, GET /v1/metadata; requests share runs (dynamic batching); --tenant serves more vocabularies over a swap export; a genai export gets POST /v1/completions (OpenAI-style) instead (needs the `serve` extra: pip install "embdeploy[serve]")."""
     from .errors import EmbdeployError
     from .runtime.batching import BatchConfig
     from .runtime.serve import serve as run_server

@@ -83,20 +83,26 @@ class Generator:
 
     def stream(self, prompt: str, max_new_tokens: int = 64, extension: dict | None = None, **search) -> Iterator[str]:
         """The generated text, piece by piece as tokens arrive (a piece ends where the decoded text is whole)."""
-        out: list[int] = []
-        shown = ""
-        for token in self.generate_ids(self.encode(prompt), max_new_tokens, extension, **search):
-            out.append(token)
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # a multi-byte character split over tokens: wait for the rest
-            if text.startswith(shown):
-                piece, shown = text[len(shown):], text
-                if piece:
-                    yield piece
-        text = self.tokenizer.decode(out, skip_special_tokens=True)
-        if text.startswith(shown) and text[len(shown):]:
-            yield text[len(shown):]
+        yield from decode_pieces(self.tokenizer, self.generate_ids(self.encode(prompt), max_new_tokens, extension, **search))
+
+
+def decode_pieces(tokenizer, tokens) -> Iterator[str]:
+    """The text of the token ids `tokens` (an iterator), piece by piece as they arrive (a piece ends where the
+    decoded text is whole; special tokens are skipped)."""
+    out: list[int] = []
+    shown = ""
+    for token in tokens:
+        out.append(token)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue  # a multi-byte character split over tokens: wait for the rest
+        if text.startswith(shown):
+            piece, shown = text[len(shown):], text
+            if piece:
+                yield piece
+    text = tokenizer.decode(out, skip_special_tokens=True)
+    if text.startswith(shown) and text[len(shown):]:
+        yield text[len(shown):]
 
 
 def generate(onnx_dir, prompt: str, max_new_tokens: int = 64, extension=None) -> str:

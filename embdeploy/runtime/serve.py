@@ -14,7 +14,9 @@
                          while serving: admin keys only; 403 when the server has none
 
 The `model` field picks the tenant (unknown: 404 listing the models; a server without tenants
-answers any name with its one model).
+answers any name with its one model). A genai export (`export --format genai`) is served by
+runtime/completions.py instead: POST /v1/completions (OpenAI-style text completions), with the
+same request checks, keys, tenants and metrics.
 
 Every request is checked before it reaches the model; a bad one gets a 4xx
 with {"error": {"message", "type"}} saying what to change: invalid JSON (also
@@ -149,41 +151,7 @@ def create_app(
         return response
 
     async def read_json(request) -> dict:
-        ctype = request.headers.get("content-type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
-            raise RequestError(415, f"Content-Type must be application/json, got {ctype[:60]!r}; send the JSON body "
-                                    "with the header Content-Type: application/json")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body:
-            raise RequestError(413, f"the request body has {declared} bytes, the limit is {max_body}; send fewer or shorter texts")
-        body = bytearray()
-
-        async def collect():
-            async for chunk in request.stream():
-                body.extend(chunk)
-                if len(body) > max_body:
-                    raise RequestError(413, f"the request body is over the limit of {max_body} bytes; send fewer or shorter texts")
-
-        try:
-            await asyncio.wait_for(collect(), timeout=body_timeout)
-        except asyncio.TimeoutError:
-            raise RequestError(408, f"the request body did not arrive within {body_timeout:g} s; send it at once") from None
-        if not body:
-            raise RequestError(400, 'the request has no body; send JSON like {"texts": ["some text"]}')
-        try:
-            data = json.loads(body)
-        except UnicodeDecodeError:
-            raise RequestError(400, "the request body is not UTF-8 text; send UTF-8 encoded JSON") from None
-        except json.JSONDecodeError as e:
-            raise RequestError(400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        except RecursionError:
-            raise RequestError(400, "the request body is JSON nested too deeply; send a flat object like "
-                                    '{"texts": ["some text"]}') from None
-        except ValueError as e:  # e.g. an integer of more digits than Python converts
-            raise RequestError(400, f"the request body holds a value that cannot be read ({str(e).splitlines()[0][:120]})") from None
-        if not isinstance(data, dict):
-            raise RequestError(422, f'the request body must be a JSON object like {{"texts": ["some text"]}}, got a JSON {_json_type(data)}')
-        return data
+        return await read_json_body(request, max_body, body_timeout)
 
     def check_fields(data: dict, allowed: tuple[str, ...]) -> None:
         unknown = [k for k in data if k not in allowed]
@@ -511,6 +479,45 @@ def create_app(
     return _Guard(app, keys, metrics, admins, access_log)
 
 
+async def read_json_body(request, max_body: int, body_timeout: float, example: str = '{"texts": ["some text"]}') -> dict:
+    """The request's JSON object, or a RequestError saying what to send instead (type, size, time, syntax);
+    `example` is the body the messages show."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise RequestError(415, f"Content-Type must be application/json, got {ctype[:60]!r}; send the JSON body "
+                                "with the header Content-Type: application/json")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        raise RequestError(413, f"the request body has {declared} bytes, the limit is {max_body}; send fewer or shorter texts")
+    body = bytearray()
+
+    async def collect():
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > max_body:
+                raise RequestError(413, f"the request body is over the limit of {max_body} bytes; send fewer or shorter texts")
+
+    try:
+        await asyncio.wait_for(collect(), timeout=body_timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {body_timeout:g} s; send it at once") from None
+    if not body:
+        raise RequestError(400, f"the request has no body; send JSON like {example}")
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError:
+        raise RequestError(400, "the request body is not UTF-8 text; send UTF-8 encoded JSON") from None
+    except json.JSONDecodeError as e:
+        raise RequestError(400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise RequestError(400, f"the request body is JSON nested too deeply; send a flat object like {example}") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise RequestError(400, f"the request body holds a value that cannot be read ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(data, dict):
+        raise RequestError(422, f"the request body must be a JSON object like {example}, got a JSON {_json_type(data)}")
+    return data
+
+
 OPEN_ROUTES = ("/health", "/healthz")  # load balancers probe these without a key
 MODEL_SCOPE_KEY = "embdeploy.model"  # the handler's chosen model, read back by _Guard for the metrics label
 
@@ -644,7 +651,7 @@ class _Guard:
 
 
 _KNOWN_ROUTES = ("/healthz", "/v1/metadata", "/v1/encode", "/v1/embeddings", "/embed", "/", "/info", "/health",
-                 "/metrics", "/v1/models", "/admin/tenants")
+                 "/metrics", "/v1/models", "/admin/tenants", "/v1/completions")
 
 
 def _route_label(path: str) -> str:
@@ -709,6 +716,16 @@ def _sigterm_is_a_clean_exit():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _is_genai(onnx_dir) -> bool:
+    """Whether `onnx_dir` is an `export --format genai` directory (served by runtime/completions.py)."""
+    from ..export.manifest import ExportManifest
+
+    try:
+        return ExportManifest.read(onnx_dir).format == "genai"
+    except EmbdeployError:
+        return False  # Session reports what is wrong with the directory
 
 
 def _version() -> str:
@@ -888,9 +905,17 @@ def _serve_on(sock, onnx_dir, host, port, providers, threads, extension, max_bat
     """One server process: Session, app, uvicorn on `sock` (None: bind host:port once the app is built)."""
     import uvicorn
 
-    session = Session(onnx_dir, providers=providers, threads=threads, extension=extension)
-    app = create_app(session, max_batch=max_batch, max_chars=max_chars, body_timeout=body_timeout, api_keys=api_keys,
-                     batching=batching, tenants=tenants, admin_keys=admin_keys, access_log=json_access_log)
+    if _is_genai(onnx_dir):
+        from .completions import genai_app
+
+        app = genai_app(onnx_dir, providers=providers, threads=threads, extension=extension, max_chars=max_chars,
+                        body_timeout=body_timeout, api_keys=api_keys, batching=batching, tenants=tenants,
+                        admin_keys=admin_keys, access_log=json_access_log)
+    else:
+        session = Session(onnx_dir, providers=providers, threads=threads, extension=extension)
+        app = create_app(session, max_batch=max_batch, max_chars=max_chars, body_timeout=body_timeout,
+                         api_keys=api_keys, batching=batching, tenants=tenants, admin_keys=admin_keys,
+                         access_log=json_access_log)
     sock = sock if sock is not None else bind_socket(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             http=guarded_protocol(header_timeout, int(max_connections)), timeout_keep_alive=keep_alive)
