@@ -33,8 +33,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import EmbdeployError
 from .serve import MODEL_SCOPE_KEY, RequestError, _Guard, _json_type, _Metrics, _starlette, read_json_body
 from .session import lone_surrogate
