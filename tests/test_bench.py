@@ -429,3 +429,13 @@ def test_an_export_is_also_timed_against_its_own_base_of_another_precision(tmp_p
     from embdeploy.bench.report import markdown
 
     assert "Against each export's own base" in markdown(res)
+
+
+def test_the_result_records_each_exports_size_and_precision(exports, result):
+    sizes = {v.label: v.size_mb for v in [result.base, *result.variants]}
+    on_disk = sum(p.stat().st_size for p in exports["base"].rglob("*") if p.is_file() and p.name != "embdeploy.json")
+    assert abs(sizes["base"] - on_disk / 1e6) < 0.01
+    assert all(v.precision == "float32" for v in result.variants)
+    from embdeploy.bench.report import markdown
+
+    assert f"{result.base.size_mb:.1f} MB on disk" in markdown(result)

@@ -140,12 +140,18 @@ def _mb(value) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def _disk(v) -> str:
+    """', int8, 63.3 MB on disk' for a variant whose precision and size were recorded (older results: '')."""
+    parts = ([v.precision] if v.precision else []) + ([f"{v.size_mb:.1f} MB on disk"] if v.size_mb is not None else [])
+    return "".join(", " + p for p in parts)
+
+
 def markdown(result: BenchResult) -> str:
     s, m = result.settings, result.machine
     out = ["# embdeploy bench", ""]
-    out.append(f"Base: `{result.base.path}` (V={result.base.V}, H={result.base.H})  ")
+    out.append(f"Base: `{result.base.path}` (V={result.base.V}, H={result.base.H}{_disk(result.base)})  ")
     for v in result.variants:
-        out.append(f"{v.label}: `{v.path}` ({v.mode}, K={v.K})  ")
+        out.append(f"{v.label}: `{v.path}` ({v.mode}, K={v.K}{_disk(v)})  ")
     out += [
         "",
         f"Machine: {m.get('cpu')}, {m.get('usable_cores')} usable cores, "

@@ -20,6 +20,8 @@ class VariantInfo:
     V: int
     K: int
     H: int
+    size_mb: float | None = None  # the export's files on disk (what embdeploy.json lists)
+    precision: str | None = None  # float32 | float16 | int8
 
 
 @dataclass

@@ -292,7 +292,9 @@ def _multi_cuda(result: BenchResult, arts, n: int, threads: int, say: Progress) 
 
 
 def _info(label: str, a: ExportManifest) -> VariantInfo:
-    return VariantInfo(label=label, mode=a.mode, path=str(a.path), V=a.V, K=a.K, H=a.H)
+    size = sum((a.path / name).stat().st_size for name in a.files) / 1e6
+    return VariantInfo(label=label, mode=a.mode, path=str(a.path), V=a.V, K=a.K, H=a.H, size_mb=round(size, 2),
+                       precision=a.precision)
 
 
 def machine_info() -> dict:
