@@ -75,11 +75,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(onnx: Path, mode: str, threads: int, log: Path, tenants=()):
+def start(onnx: Path, mode: str, threads: int, log: Path, tenants=(), workers: int = 1):
     port = free_port()
     args = ["serve", str(onnx), "--host", HOST, "--port", str(port), "--providers", "cpu", "--threads", str(threads)]
     if mode == "no-batching":
         args.append("--no-batching")
+    if workers > 1:
+        args += ["--workers", str(workers)]
     for name in tenants:
         args += ["--tenant", f"{name}={WORK / 'ext'}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -171,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each times every configuration once (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="the servers' ONNX Runtime threads (default 1)")
     ap.add_argument("--tenants", type=int, default=4, help="tenants of the mixed-tenant comparison (default 4; 0: skip)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="also time a batching server with this many --workers at the largest client count (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "serve-minilm-cpu.json")
     args = ap.parse_args(argv)
@@ -196,6 +200,10 @@ def main(argv=None) -> int:
         servers[f"swap-{args.tenants}-tenants"] = start(swap, "batching", args.threads, WORK / "server-swap-n.log",
                                                         tenants=names)
         models["swap-1-tenant"], models[f"swap-{args.tenants}-tenants"] = ("bench",), tuple(names)
+    if args.workers > 1:
+        servers[f"batching-{args.workers}-workers"] = start(onnx, "batching", args.threads, WORK / "server-workers.log",
+                                                            workers=args.workers)
+        models[f"batching-{args.workers}-workers"] = ("bench",)
     rng = random.Random(args.seed)
     runs = []
     try:
@@ -236,6 +244,12 @@ def main(argv=None) -> int:
                          for m in ("swap-1-tenant", f"swap-{args.tenants}-tenants"))
             ratios.append(many["throughput"] / one["throughput"])
         summary[f"{args.tenants}_tenants_over_1_at_{top}_clients"] = {"throughput_ratio": float(np.median(ratios))}
+    if args.workers > 1:
+        top, label = max(clients), f"batching-{args.workers}-workers"
+        ratios = [next(x for x in runs if x["round"] == r and x["clients"] == top and x["mode"] == label)["throughput"]
+                  / next(x for x in runs if x["round"] == r and x["clients"] == top and x["mode"] == "no-batching")["throughput"]
+                  for r in range(args.rounds)]
+        summary[f"{label}_over_no_batching_at_{top}_clients"] = {"throughput_ratio": float(np.median(ratios))}
     goals = {}
     if args.tenants == 4 and 32 in clients:
         goals["4 tenants: throughput within 10% of 1"] = summary["4_tenants_over_1_at_32_clients"]["throughput_ratio"] >= 0.9
