@@ -470,6 +470,10 @@ class CliCase:
     after: Callable[[Path], None] | None = None  # an extra check of the case directory afterwards
 
 
+def _nothing_at(out: Path) -> None:
+    assert not out.exists(), f"{out} was written by a refused command"
+
+
 def no_unpickling(d: Path) -> None:
     assert not list(d.rglob("UNPICKLED")), "a pickle file was unpickled"
 
@@ -519,6 +523,15 @@ CLI_CASES = [
             ("Invalid value for '--mode'", "'fast' is not one of 'merged', 'split', 'swap'")),
     CliCase("export-readonly-out", export_readonly, ("a-file is a file, not a directory; choose a writable --out",)),
     CliCase("export-no-out", lambda w, d: ["export", w.ext_a, "--mode", "swap"], ("no output directory: pass --out DIR",)),
+    CliCase("export-calibration-not-int8", lambda w, d: ["export", w.ext_a, "--out", d / "out", "--calibration-texts",
+                                                          w.ext_a / "extension.json"],
+            ("--calibration-texts applies to --quantize int8 only; add --quantize int8 or drop it",),
+            after=lambda d: _nothing_at(d / "out")),
+    CliCase("export-calibration-missing", lambda w, d: ["export", w.ext_a, "--out", d / "out", "--quantize", "int8",
+                                                         "--calibration-texts", d / "missing.txt"],
+            ("is not a file; pass a text file (one text per line)",), after=lambda d: _nothing_at(d / "out")),
+    CliCase("validate-texts-missing", lambda w, d: ["validate", w.swap, "--texts", d / "missing.txt"],
+            ("missing.txt does not exist",)),
     CliCase("recipe-unknown-key", recipe('{"recipe_version": 1, "modee": "swap"}'),
             ("has problems", "unknown key(s) 'modee'", "mode is required")),
     CliCase("recipe-bad-json", recipe('{"mode": "swap",}'), ("is not valid JSON",)),
