@@ -34,7 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EmbdeployError
-from .serve import MODEL_SCOPE_KEY, RequestError, _Guard, _json_type, _Metrics, _starlette, read_json_body
+from .serve import (
+    MODEL_SCOPE_KEY, RequestError, _Guard, _json_type, _Metrics, _starlette, checked_keys, exception_handlers,
+    json_reply, model_routes, read_json_body,
+)
 from .session import lone_surrogate
 from .tenants import Tenants, UnknownModel
 
@@ -141,8 +144,7 @@ def create_completions_app(tenant: GenaiTenant, max_chars: int = 20_000, body_ti
     _starlette()
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-    from starlette.responses import Response, StreamingResponse
+    from starlette.responses import StreamingResponse
     from starlette.routing import Route
 
     if isinstance(max_generations, bool) or not isinstance(max_generations, int) or max_generations < 1:
@@ -161,9 +163,7 @@ def create_completions_app(tenant: GenaiTenant, max_chars: int = 20_000, body_ti
     max_body = MAX_PROMPTS * max_chars * 12 + (64 << 10)
     created = {name: int(time.time()) for name in models.names()}
 
-    def reply(payload, status: int = 200) -> Response:
-        return Response(json.dumps(payload, ensure_ascii=False, separators=(",", ":")), status_code=status,
-                        media_type="application/json")
+    reply = json_reply
 
     def parse(data: dict) -> dict:
         """The request's fields, checked; every problem names the field and what to send."""
@@ -387,58 +387,22 @@ def create_completions_app(tenant: GenaiTenant, max_chars: int = 20_000, body_ti
     async def healthz(request):
         return reply({"status": "ok", "format": "genai", "mode": tenant.mode, "K": tenant.K})
 
-    def card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": created.get(name, 0), "owned_by": "embdeploy"}
-
-    async def list_models(request):
-        return reply({"object": "list", "data": [card(n) for n in models.names()]})
-
-    async def get_model(request):
-        name = request.path_params["model"]
-        if name not in models.names():
-            raise RequestError(404, f"unknown model {name!r}; this server has: {', '.join(models.names())}",
-                               "model_not_found")
-        return reply(card(name))
-
-    async def on_request_error(request, exc: RequestError):
-        response = reply({"error": {"message": exc.message, "type": exc.kind}}, exc.status)
-        response.headers.update(exc.headers or {})
-        return response
-
-    async def on_http_error(request, exc: HTTPException):
-        if exc.status_code == 404:
-            message = (f"no route {request.url.path}; a genai export serves GET /healthz, GET /v1/models, "
-                       "POST /v1/completions, GET /metrics (embeddings routes need an ONNX export)")
-        elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-        else:
-            message = str(exc.detail)
-        return reply({"error": {"message": message, "type": "invalid_request_error"}}, exc.status_code)
-
-    async def on_crash(request, exc: Exception):
-        import logging
-
-        logging.getLogger(__name__).exception("request to %s failed", request.url.path)
-        return reply({"error": {"message": f"internal error ({type(exc).__name__}); the server keeps running, see "
-                                           "its log", "type": "server_error"}}, 500)
 
     app = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/health", healthz, methods=["GET"]),
-            Route("/v1/models", list_models, methods=["GET"]),
-            Route("/v1/models/{model}", get_model, methods=["GET"]),
+            *model_routes(models, created),
             Route("/v1/completions", completions, methods=["POST"]),
         ],
-        exception_handlers={RequestError: on_request_error, HTTPException: on_http_error, Exception: on_crash},
+        exception_handlers=exception_handlers(
+            "a genai export serves GET /healthz, GET /v1/models, POST /v1/completions, GET /metrics "
+            "(embeddings routes need an ONNX export)"),
     )
     app.state.tenants = models
     app.state.metrics = metrics
     app.add_route("/metrics", metrics.endpoint, methods=["GET"])
-    keys = [k for k in (api_keys or []) if k]
-    if api_keys is not None and not keys:
-        raise EmbdeployError("api_keys is empty; pass at least one non-empty key, or None for no authentication")
-    return _Guard(app, keys, metrics, (), access_log)
+    return _Guard(app, checked_keys(api_keys, "api_keys", "for no authentication"), metrics, (), access_log)
 
 
 def genai_app(onnx_dir, providers=None, threads=None, extension=None, max_chars: int = 20_000,

@@ -124,7 +124,6 @@ def create_app(
     _starlette()
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
     from starlette.responses import Response
     from starlette.routing import Route
 
@@ -137,18 +136,7 @@ def create_app(
                              "request): a full request could never be queued; raise --max-queue or lower --max-batch")
     max_body = max_batch * max_chars * _JSON_BYTES_PER_CHAR + (64 << 10)
 
-    def reply(payload, status: int = 200) -> Response:
-        try:
-            body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        except ValueError:
-            payload = {"error": {"message": "the model returned NaN or Inf for this input", "type": "server_error"}}
-            status, body = 500, json.dumps(payload)
-        return Response(body, status_code=status, media_type="application/json")
-
-    def error(status: int, message: str, kind: str, headers=None) -> Response:
-        response = reply({"error": {"message": message, "type": kind}}, status)
-        response.headers.update(headers or {})
-        return response
+    reply = json_reply
 
     async def read_json(request) -> dict:
         return await read_json_body(request, max_body, body_timeout)
@@ -376,21 +364,8 @@ def create_app(
             values = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
         return reply(values.astype(np.float32).tolist())
 
-    # ---- OpenAI's model list; the admin routes that add and remove tenants while serving
+    # ---- OpenAI's model list (model_routes); the admin routes that add and remove tenants while serving
     created = {name: int(time.time()) for name in models.names()}
-
-    def card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": created.get(name, 0), "owned_by": "embdeploy"}
-
-    async def list_models(request):
-        return reply({"object": "list", "data": [card(name) for name in models.names()]})
-
-    async def get_model(request):
-        name = request.path_params["model"]
-        if name not in models.names():
-            raise RequestError(404, f"unknown model {name!r}; this server has: {', '.join(models.names())}",
-                               "model_not_found")
-        return reply(card(name))
 
     def tenant_info(name: str, chosen) -> dict:
         return {"model": name, "K": chosen.K, "extension_fingerprint": chosen.extension_fingerprint,
@@ -423,24 +398,6 @@ def create_app(
             raise RequestError(409, str(e)) from None
         return reply({"model": name, "removed": True})
 
-    async def on_request_error(request, exc: RequestError):
-        return error(exc.status, exc.message, exc.kind, exc.headers)
-
-    async def on_http_error(request, exc: HTTPException):
-        if exc.status_code == 404:
-            message = (f"no route {request.url.path}; routes: GET /healthz, GET /v1/metadata, POST /v1/encode, "
-                       "POST /v1/embeddings, GET /v1/models, POST /embed, GET /info, GET /health, "
-                       "GET /admin/tenants, PUT and DELETE /admin/tenants/NAME")
-        elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-        else:
-            message = str(exc.detail)
-        return error(exc.status_code, message, "invalid_request_error")
-
-    async def on_crash(request, exc: Exception):
-        log.exception("request to %s failed", request.url.path)
-        return error(500, f"internal error ({type(exc).__name__}); the server keeps running, see its log", "server_error")
-
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -457,26 +414,93 @@ def create_app(
             Route("/", tei_embed, methods=["POST"]),  # TEI serves its embed route at the root too
             Route("/info", tei_info, methods=["GET"]),
             Route("/health", tei_health, methods=["GET"]),
-            Route("/v1/models", list_models, methods=["GET"]),
-            Route("/v1/models/{model}", get_model, methods=["GET"]),
+            *model_routes(models, created),
             Route("/admin/tenants", admin_list, methods=["GET"]),
             Route("/admin/tenants/{name}", admin_put, methods=["PUT"]),
             Route("/admin/tenants/{name}", admin_delete, methods=["DELETE"]),
         ],
-        exception_handlers={RequestError: on_request_error, HTTPException: on_http_error, Exception: on_crash},
+        exception_handlers=exception_handlers(
+            "routes: GET /healthz, GET /v1/metadata, POST /v1/encode, POST /v1/embeddings, GET /v1/models, "
+            "POST /embed, GET /info, GET /health, GET /admin/tenants, PUT and DELETE /admin/tenants/NAME"),
     )
     app.state.session = session
     app.state.metrics = metrics
     app.state.batcher = batcher
     app.state.tenants = models
     app.add_route("/metrics", metrics.endpoint, methods=["GET"])
-    keys = [k for k in (api_keys or []) if k]
-    if api_keys is not None and not keys:
-        raise EmbdeployError("api_keys is empty; pass at least one non-empty key, or None for no authentication")
-    admins = [k for k in (admin_keys or []) if k]
-    if admin_keys is not None and not admins:
-        raise EmbdeployError("admin_keys is empty; pass at least one non-empty key, or None to keep the admin routes off")
+    keys = checked_keys(api_keys, "api_keys", "for no authentication")
+    admins = checked_keys(admin_keys, "admin_keys", "to keep the admin routes off")
     return _Guard(app, keys, metrics, admins, access_log)
+
+
+def json_reply(payload, status: int = 200, headers=None):
+    """A JSON response; a payload holding NaN or Inf becomes a 500 that says so (JSON cannot carry them)."""
+    from starlette.responses import Response
+
+    try:
+        body = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        payload = {"error": {"message": "the model returned NaN or Inf for this input", "type": "server_error"}}
+        status, body = 500, json.dumps(payload)
+    response = Response(body, status_code=status, media_type="application/json")
+    response.headers.update(headers or {})
+    return response
+
+
+def error_reply(status: int, message: str, kind: str, headers=None):
+    return json_reply({"error": {"message": message, "type": kind}}, status, headers)
+
+
+def exception_handlers(routes: str) -> dict:
+    """Starlette's exception handlers of both apps: errors in OpenAI's shape; a 404 lists `routes`."""
+    from starlette.exceptions import HTTPException
+
+    async def on_request_error(request, exc: RequestError):
+        return error_reply(exc.status, exc.message, exc.kind, exc.headers)
+
+    async def on_http_error(request, exc: HTTPException):
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}; {routes}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error_reply(exc.status_code, message, "invalid_request_error")
+
+    async def on_crash(request, exc: Exception):
+        log.exception("request to %s failed", request.url.path)
+        return error_reply(500, f"internal error ({type(exc).__name__}); the server keeps running, see its log",
+                           "server_error")
+
+    return {RequestError: on_request_error, HTTPException: on_http_error, Exception: on_crash}
+
+
+def model_routes(models: Tenants, created: dict) -> list:
+    """GET /v1/models and /v1/models/{model} in OpenAI's format; `created`: {name: unix time}, kept by the app."""
+    from starlette.routing import Route
+
+    def card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created.get(name, 0), "owned_by": "embdeploy"}
+
+    async def list_models(request):
+        return json_reply({"object": "list", "data": [card(name) for name in models.names()]})
+
+    async def get_model(request):
+        name = request.path_params["model"]
+        if name not in models.names():
+            raise RequestError(404, f"unknown model {name!r}; this server has: {', '.join(models.names())}",
+                               "model_not_found")
+        return json_reply(card(name))
+
+    return [Route("/v1/models", list_models, methods=["GET"]), Route("/v1/models/{model}", get_model, methods=["GET"])]
+
+
+def checked_keys(keys, what: str, without: str) -> list[str]:
+    """The non-empty keys of `keys`; an empty list given on purpose is refused (it would lock everyone out)."""
+    given = [k for k in (keys or []) if k]
+    if keys is not None and not given:
+        raise EmbdeployError(f"{what} is empty; pass at least one non-empty key, or None {without}")
+    return given
 
 
 async def read_json_body(request, max_body: int, body_timeout: float, example: str = '{"texts": ["some text"]}') -> dict:
